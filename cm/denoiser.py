@@ -1,0 +1,97 @@
+"""Preconditioning: how a raw network becomes a denoiser D(x, sigma) or a consistency function f(x, sigma).
+
+All scalings live here (EDM, Karras et al. 2022, Table 1; CM paper, Appendix C, eq. for c_skip/c_out).
+"""
+
+import torch
+
+from .nn import append_dims
+
+WEIGHT_SCHEDULES = ("snr", "snr+1", "karras", "truncated-snr", "uniform")
+
+
+def get_weightings(weight_schedule, snrs, sigma_data):
+    """Per-sample loss weight lambda(sigma) from the signal-to-noise ratio snr = sigma^-2."""
+    if weight_schedule == "snr":
+        return snrs
+    if weight_schedule == "snr+1":
+        return snrs + 1
+    if weight_schedule == "karras":
+        # EDM's lambda = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2
+        return snrs + 1.0 / sigma_data**2
+    if weight_schedule == "truncated-snr":
+        return torch.clamp(snrs, min=1.0)
+    if weight_schedule == "uniform":
+        return torch.ones_like(snrs)
+    raise ValueError(f"unknown weight_schedule {weight_schedule!r}; choose one of {', '.join(WEIGHT_SCHEDULES)}")
+
+
+def network_time(sigmas):
+    """The network's time input c_noise(sigma) = 1000 * 0.25 * log(sigma) (EDM Table 1, times 1000).
+    The tiny offset keeps sigma = 0 finite, as published."""
+    return 1000 * 0.25 * torch.log(sigmas + 1e-44)
+
+
+class KarrasDenoiser:
+    """The preconditioned model: c_skip, c_out, c_in around a backbone, plus the settings the
+    losses and samplers share (noise range, rho, loss weighting, distance).
+
+    With `distillation=True` (every consistency model) the scalings satisfy the boundary condition
+    f(x, sigma_min) = x exactly: c_skip(sigma_min) = 1, c_out(sigma_min) = 0 (CM paper, eq. 3 / App. C).
+    """
+
+    def __init__(
+        self,
+        sigma_data=0.5,
+        sigma_max=80.0,
+        sigma_min=0.002,
+        rho=7.0,
+        weight_schedule="karras",
+        distillation=False,
+        loss_norm="lpips",
+    ):
+        if weight_schedule not in WEIGHT_SCHEDULES:
+            raise ValueError(
+                f"unknown weight_schedule {weight_schedule!r}; choose one of {', '.join(WEIGHT_SCHEDULES)}"
+            )
+        self.sigma_data = sigma_data
+        self.sigma_max = sigma_max
+        self.sigma_min = sigma_min
+        self.rho = rho
+        self.weight_schedule = weight_schedule
+        self.distillation = distillation
+        self.loss_norm = loss_norm
+
+    def get_snr(self, sigmas):
+        return sigmas**-2
+
+    def get_sigmas(self, sigmas):
+        return sigmas
+
+    def get_scalings(self, sigma):
+        """EDM scalings (Karras et al. 2022, Table 1)."""
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / (sigma**2 + sd2)
+        c_out = sigma * self.sigma_data / (sigma**2 + sd2) ** 0.5
+        c_in = 1 / (sigma**2 + sd2) ** 0.5
+        return c_skip, c_out, c_in
+
+    def get_scalings_for_boundary_condition(self, sigma):
+        """Consistency-model scalings: EDM's, shifted by sigma_min so that f(x, sigma_min) = x."""
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / ((sigma - self.sigma_min) ** 2 + sd2)
+        c_out = (sigma - self.sigma_min) * self.sigma_data / (sigma**2 + sd2) ** 0.5
+        c_in = 1 / (sigma**2 + sd2) ** 0.5
+        return c_skip, c_out, c_in
+
+    def scalings(self, sigma):
+        if self.distillation:
+            return self.get_scalings_for_boundary_condition(sigma)
+        return self.get_scalings(sigma)
+
+    def denoise(self, model, x_t, sigmas, **model_kwargs):
+        """Return (raw network output F, preconditioned output c_skip * x + c_out * F)."""
+        c_skip, c_out, c_in = [append_dims(c, x_t.ndim) for c in self.scalings(sigmas)]
+        model_output = model(c_in * x_t, network_time(sigmas), **model_kwargs)
+        denoised = c_out * model_output + c_skip * x_t
+        return model_output, denoised

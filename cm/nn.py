@@ -1,0 +1,98 @@
+"""Small layers and tensor helpers shared by the U-Net, the denoiser, the losses and the samplers."""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype, cast back afterwards."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+def normalization(channels):
+    """The normalisation layer of every block: 32 groups."""
+    return GroupNorm32(32, channels)
+
+
+def conv_nd(dims, *args, **kwargs):
+    """A 1-D, 2-D or 3-D convolution."""
+    layers = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+    if dims not in layers:
+        raise ValueError(f"unsupported dimensions: {dims} (use 1, 2 or 3)")
+    return layers[dims](*args, **kwargs)
+
+
+def avg_pool_nd(dims, *args, **kwargs):
+    """A 1-D, 2-D or 3-D average pooling."""
+    layers = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+    if dims not in layers:
+        raise ValueError(f"unsupported dimensions: {dims} (use 1, 2 or 3)")
+    return layers[dims](*args, **kwargs)
+
+
+def linear(*args, **kwargs):
+    return nn.Linear(*args, **kwargs)
+
+
+def zero_module(module):
+    """Zero the parameters of `module` (output convolutions start as the identity residual)."""
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+def convert_module_to_dtype(module, dtype):
+    """Cast the weights of convolutions only, as the published mixed-precision recipe does:
+    norms, linear layers and embeddings stay float32."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        module.weight.data = module.weight.data.to(dtype)
+        if module.bias is not None:
+            module.bias.data = module.bias.data.to(dtype)
+
+
+def timestep_embedding(timesteps, dim, max_period=10000):
+    """Sinusoidal embedding of (possibly fractional) timesteps: [cos | sin] over geometric frequencies.
+
+    :param timesteps: a 1-D tensor of N values.
+    :return: an [N x dim] float32 tensor.
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    )
+    args = timesteps[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+def checkpoint(func, inputs, enabled):
+    """Run func(*inputs), recomputing its activations in the backward pass when `enabled`
+    (and gradients are being recorded) instead of storing them."""
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
+    return func(*inputs)
+
+
+def mean_flat(tensor):
+    """Mean over all non-batch dimensions."""
+    return tensor.mean(dim=list(range(1, tensor.ndim)))
+
+
+def append_dims(x, target_dims):
+    """Append trailing singleton dimensions to `x` until it has `target_dims` dimensions."""
+    extra = target_dims - x.ndim
+    if extra < 0:
+        raise ValueError(f"input has {x.ndim} dims but target_dims is {target_dims}, which is less")
+    return x[(...,) + (None,) * extra]
+
+
+def append_zero(x):
+    """Append a trailing 0 to a 1-D tensor (the last sigma of a sampling schedule)."""
+    return torch.cat([x, x.new_zeros([1])])

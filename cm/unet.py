@@ -1,0 +1,399 @@
+"""The U-Net of the published consistency-model checkpoints (ADM / guided-diffusion architecture).
+
+Parameter names and shapes are those of the published `edm_*`, `cd_*` and `ct_*` checkpoints, so
+their state dicts load with strict=True. Attention runs through PyTorch's
+scaled_dot_product_attention instead of flash-attn 0.2.8; its q/k/v channels keep the layout the
+checkpoints were trained with: [q of all heads | k of all heads | v of all heads], each head's
+channels contiguous inside its block.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .nn import (
+    avg_pool_nd,
+    checkpoint,
+    conv_nd,
+    convert_module_to_dtype,
+    linear,
+    normalization,
+    timestep_embedding,
+    zero_module,
+)
+
+
+class TimestepBlock(nn.Module):
+    """A module whose forward takes the timestep embedding as a second argument."""
+
+    def forward(self, x, emb):
+        raise NotImplementedError
+
+
+class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
+    """A sequence that hands the timestep embedding to the children that take it."""
+
+    def forward(self, x, emb):
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, optionally followed by a 3x3 convolution."""
+
+    def __init__(self, channels, use_conv, dims=2, out_channels=None):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.dims = dims
+        if use_conv:
+            self.conv = conv_nd(dims, channels, self.out_channels, 3, padding=1)
+
+    def forward(self, x):
+        if self.dims == 3:
+            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
+        else:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        if hasattr(self, "conv"):
+            x = self.conv(x)
+        return x
+
+
+class Downsample(nn.Module):
+    """2x downsampling: a strided 3x3 convolution, or average pooling."""
+
+    def __init__(self, channels, use_conv, dims=2, out_channels=None):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        stride = 2 if dims != 3 else (1, 2, 2)
+        if use_conv:
+            self.op = conv_nd(dims, channels, self.out_channels, 3, stride=stride, padding=1)
+        else:
+            if self.channels != self.out_channels:
+                raise ValueError("average-pool downsampling cannot change the channel count")
+            self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class ResBlock(TimestepBlock):
+    """Residual block conditioned on the timestep embedding, by addition or, with
+    use_scale_shift_norm, by FiLM (norm(h) * (1 + scale) + shift); optionally resamples (up/down)."""
+
+    def __init__(
+        self,
+        channels,
+        emb_channels,
+        dropout,
+        out_channels=None,
+        use_conv=False,
+        use_scale_shift_norm=False,
+        dims=2,
+        use_checkpoint=False,
+        up=False,
+        down=False,
+    ):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.use_checkpoint = use_checkpoint
+        self.use_scale_shift_norm = use_scale_shift_norm
+
+        self.in_layers = nn.Sequential(
+            normalization(channels),
+            nn.SiLU(),
+            conv_nd(dims, channels, self.out_channels, 3, padding=1),
+        )
+        self.updown = up or down
+        if up:
+            self.h_upd = Upsample(channels, False, dims)
+            self.x_upd = Upsample(channels, False, dims)
+        elif down:
+            self.h_upd = Downsample(channels, False, dims)
+            self.x_upd = Downsample(channels, False, dims)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(),
+            linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels),
+        )
+        self.out_layers = nn.Sequential(
+            normalization(self.out_channels),
+            nn.SiLU(),
+            nn.Dropout(p=dropout),
+            zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
+        )
+        if self.out_channels == channels:
+            self.skip_connection = nn.Identity()
+        elif use_conv:
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, 3, padding=1)
+        else:
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
+
+    def forward(self, x, emb):
+        return checkpoint(self._forward, (x, emb), self.use_checkpoint)
+
+    def _forward(self, x, emb):
+        if self.updown:
+            # resample between the activation and the convolution, on both branches
+            h = self.in_layers[:-1](x)
+            h = self.in_layers[-1](self.h_upd(h))
+            x = self.x_upd(x)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)
+        emb_out = emb_out[(...,) + (None,) * (h.ndim - emb_out.ndim)]
+        if self.use_scale_shift_norm:
+            scale, shift = torch.chunk(emb_out, 2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class QKVAttention(nn.Module):
+    """Multi-head self-attention over a fused [N x 3*C x T] projection laid out as
+    [q (heads x head_channels) | k (...) | v (...)]: the flash-attention layout of the published
+    checkpoints. Runs through scaled_dot_product_attention (fused kernels accumulate the softmax
+    in float32 for half-precision inputs); any head size."""
+
+    def __init__(self, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, qkv):
+        bs, width, length = qkv.shape
+        if width % (3 * self.n_heads):
+            raise ValueError(f"qkv width {width} is not divisible by 3 x {self.n_heads} heads")
+        ch = width // (3 * self.n_heads)
+        q, k, v = qkv.reshape(bs, 3, self.n_heads, ch, length).permute(1, 0, 2, 4, 3)
+        out = F.scaled_dot_product_attention(q, k, v)  # [N x heads x T x ch], scale 1/sqrt(ch)
+        return out.permute(0, 1, 3, 2).reshape(bs, self.n_heads * ch, length)
+
+
+class AttentionBlock(nn.Module):
+    """Spatial self-attention with a residual connection: x + proj_out(attn(qkv(norm(x))))."""
+
+    def __init__(
+        self,
+        channels,
+        num_heads=1,
+        num_head_channels=-1,
+        use_checkpoint=False,
+        use_new_attention_order=False,
+        dims=2,
+    ):
+        super().__init__()
+        self.channels = channels
+        if num_head_channels == -1:
+            self.num_heads = num_heads
+        else:
+            if channels % num_head_channels:
+                raise ValueError(
+                    f"attention channels {channels} are not divisible by num_head_channels {num_head_channels}"
+                )
+            self.num_heads = channels // num_head_channels
+        self.use_checkpoint = use_checkpoint
+        self.norm = normalization(channels)
+        # 1x1 convolutions of the image's own rank (Conv2d for images), as in the published checkpoints
+        self.qkv = conv_nd(dims, channels, channels * 3, 1)
+        self.attention = QKVAttention(self.num_heads)
+        self.proj_out = zero_module(conv_nd(dims, channels, channels, 1))
+
+    def forward(self, x):
+        return checkpoint(self._forward, (x,), self.use_checkpoint)
+
+    def _forward(self, x):
+        b, c, *spatial = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3 * c, -1)
+        h = self.attention(qkv).reshape(b, c, *spatial)
+        return x + self.proj_out(h)
+
+
+class UNetModel(nn.Module):
+    """The U-Net with timestep (and optional class) embedding.
+
+    :param attention_resolutions: downsample rates (1, 2, 4, ...) at which attention is used.
+    :param channel_mult: channel multiplier of each resolution level.
+    :param num_classes: class-conditional with this many classes when given.
+    :param num_head_channels: fixed channels per head (overrides num_heads) when not -1.
+    :param use_scale_shift_norm: FiLM conditioning in the residual blocks.
+    :param resblock_updown: residual blocks for up/downsampling instead of plain resampling.
+    :param use_fp16, use_bf16: record that the caller will run the torso in that precision
+        (convert_to_fp16 / convert_to_bf16 cast it, as published: construction stays float32).
+    """
+
+    def __init__(
+        self,
+        image_size,
+        in_channels,
+        model_channels,
+        out_channels,
+        num_res_blocks,
+        attention_resolutions,
+        dropout=0,
+        channel_mult=(1, 2, 4, 8),
+        conv_resample=True,
+        dims=2,
+        num_classes=None,
+        use_checkpoint=False,
+        use_fp16=False,
+        num_heads=1,
+        num_head_channels=-1,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=False,
+        resblock_updown=False,
+        use_new_attention_order=False,
+        use_bf16=False,
+    ):
+        super().__init__()
+        if use_fp16 and use_bf16:
+            raise ValueError("choose one of use_fp16 and use_bf16")
+        if num_heads_upsample == -1:
+            num_heads_upsample = num_heads
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.out_channels = out_channels
+        self.num_res_blocks = num_res_blocks
+        self.attention_resolutions = attention_resolutions
+        self.dropout = dropout
+        self.channel_mult = channel_mult
+        self.num_classes = num_classes
+        self.use_checkpoint = use_checkpoint
+        self.use_fp16 = use_fp16
+        self.use_bf16 = use_bf16
+
+        def res_block(ch_in, ch_out=None, **kw):
+            return ResBlock(
+                ch_in,
+                time_embed_dim,
+                dropout,
+                out_channels=ch_out,
+                dims=dims,
+                use_checkpoint=use_checkpoint,
+                use_scale_shift_norm=use_scale_shift_norm,
+                **kw,
+            )
+
+        def attention(ch, heads):
+            return AttentionBlock(
+                ch,
+                num_heads=heads,
+                num_head_channels=num_head_channels,
+                use_checkpoint=use_checkpoint,
+                use_new_attention_order=use_new_attention_order,
+                dims=dims,
+            )
+
+        time_embed_dim = model_channels * 4
+        self.time_embed = nn.Sequential(
+            linear(model_channels, time_embed_dim),
+            nn.SiLU(),
+            linear(time_embed_dim, time_embed_dim),
+        )
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
+
+        ch = input_ch = int(channel_mult[0] * model_channels)
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))]
+        )
+        skip_chans = [ch]
+        ds = 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [res_block(ch, int(mult * model_channels))]
+                ch = int(mult * model_channels)
+                if ds in attention_resolutions:
+                    layers.append(attention(ch, num_heads))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(channel_mult) - 1:
+                down = (
+                    res_block(ch, ch, down=True)
+                    if resblock_updown
+                    else Downsample(ch, conv_resample, dims=dims, out_channels=ch)
+                )
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                skip_chans.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(
+            res_block(ch), attention(ch, num_heads), res_block(ch)
+        )
+
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                layers = [res_block(ch + skip_chans.pop(), int(model_channels * mult))]
+                ch = int(model_channels * mult)
+                if ds in attention_resolutions:
+                    layers.append(attention(ch, num_heads_upsample))
+                if level and i == num_res_blocks:
+                    layers.append(
+                        res_block(ch, ch, up=True)
+                        if resblock_updown
+                        else Upsample(ch, conv_resample, dims=dims, out_channels=ch)
+                    )
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            normalization(ch),
+            nn.SiLU(),
+            zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1)),
+        )
+
+    @property
+    def dtype(self):
+        """The dtype the torso runs in (float32 until convert_to_fp16/convert_to_bf16)."""
+        return self.input_blocks[0][0].weight.dtype
+
+    def _convert_torso(self, dtype):
+        for part in (self.input_blocks, self.middle_block, self.output_blocks):
+            part.apply(lambda m: convert_module_to_dtype(m, dtype))
+
+    def convert_to_fp16(self):
+        """Run the torso's convolutions in float16 (norms, embeddings and the output head stay float32)."""
+        self._convert_torso(torch.float16)
+
+    def convert_to_bf16(self):
+        """As convert_to_fp16, in bfloat16."""
+        self._convert_torso(torch.bfloat16)
+
+    def convert_to_fp32(self):
+        """Undo convert_to_fp16 / convert_to_bf16."""
+        self._convert_torso(torch.float32)
+
+    def forward(self, x, timesteps, y=None):
+        """
+        :param x: an [N x C x H x W] batch of inputs.
+        :param timesteps: a 1-D batch of (fractional) timesteps.
+        :param y: an [N] batch of labels, given if and only if the model is class-conditional.
+        """
+        if (y is not None) != (self.num_classes is not None):
+            raise ValueError(
+                "pass class labels y if and only if the model is class-conditional "
+                f"(model num_classes={self.num_classes}, y given: {y is not None})"
+            )
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        if self.num_classes is not None:
+            if y.shape != (x.shape[0],):
+                raise ValueError(f"labels y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+            emb = emb + self.label_emb(y)
+
+        skips = []
+        h = x.type(self.dtype)
+        for module in self.input_blocks:
+            h = module(h, emb)
+            skips.append(h)
+        h = self.middle_block(h, emb)
+        for module in self.output_blocks:
+            h = module(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h.type(x.dtype))

@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+# Runtime dependencies, each for one job:
+#   torch/torchvision  the models; torchvision also supplies the VGG-16 of LPIPS
+#   numpy, scipy       sample batches, FID's matrix square root
+#   pillow             image folders, PNG grids, editing masks
+#   tqdm               progress bars on long loops
+#   blobfile           paths on local disk or cloud buckets, as the published scripts use
+#   mpi4py, mpich      `mpiexec -n K` multi-process runs; the mpich wheel ships the MPI runtime and mpiexec
+#   lpips              the LPIPS distance's linear-layer weights (they ship inside the package)
+# torch is left open above: on the project's machines pip's constraint file resolves it to the local 2.14.1.
+setup(
+    name="consistency-models",
+    version="0.1.0",
+    description="Consistency models (Song et al., ICML 2023): training, sampling and evaluation in PyTorch",
+    packages=find_packages(include=["cm", "cm.*", "evaluations", "evaluations.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "pillow>=10.1",
+        "tqdm>=4.60",
+        "blobfile>=1.0.5",
+        "mpi4py>=4.0",
+        "mpich>=4.3",
+        "lpips>=0.1.4",
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+    },
+)
