@@ -67,7 +67,7 @@ class _SampleIndexedGenerator:
         return torch.clamp(indices, 0, self.num_samples - 1)
 
     def _device_generators(self, device):
-        device = torch.device(device)
+        device = torch.device("cpu" if device is None else device)
         key = str(device)
         if key not in self._generators:
             self._generators[key] = self._new_generators(device)

@@ -243,6 +243,8 @@ def karras_sample(
         generator = get_generator("dummy")
     if model_kwargs is None:
         model_kwargs = {}
+    if device is None:
+        device = next(model.parameters()).device
 
     n = steps + 1 if sampler == "progdist" else steps
     sigmas = get_sigmas_karras(n, sigma_min, sigma_max, rho, device=device)

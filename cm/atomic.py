@@ -1,0 +1,16 @@
+"""Atomic file writes: write to a temporary name beside the target, then rename over it."""
+
+import os
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename tmp_path to `path`; a crash leaves either the old file or
+    none, never half a file. The temporary name keeps the extension (some writers check it)."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
