@@ -103,7 +103,7 @@ def builtin_mask(name, image_size):
         mask[:, image_size // 2 :] = 0
     elif name == "letter":
         canvas = Image.new("L", (32, 32), color=255)
-        font = ImageFont.load_default(size=30)
+        font = ImageFont.load_default(size=40)
         ImageDraw.Draw(canvas).text((16, 16), "S", font=font, fill=0, anchor="mm")
         letter = canvas.resize((image_size, image_size), Image.NEAREST)
         mask = (np.asarray(letter) > 127).astype(np.float32)

@@ -55,6 +55,8 @@ def create_ema_and_scales_fn(
       fixed/fixed          CD: constant mu and N.
       fixed/progressive    constant mu, N(k) growing as in CT.
       adaptive/progressive CT (Appendix C): N(k) growing, mu(k) = exp(s0 * log(mu0) / (N(k) - 1)).
+                           The paper writes N(k) in that denominator; the published code, with which
+                           the checkpoints were trained, uses N(k) - 1, and so do we.
       fixed/progdist       progressive distillation: N halves every distill_steps_per_iter steps.
     """
     modes = {

@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+from cm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+
+torch.set_num_threads(2)
+
+
+def tiny_config(**overrides):
+    """A 16x16 U-Net with every structural feature of the published ones (attention, class
+    embedding, scale-shift norm, residual up/down), small enough for CPU tests."""
+    cfg = model_and_diffusion_defaults()
+    cfg.update(
+        image_size=16,
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult="1,2",
+        attention_resolutions="8",
+        num_head_channels=16,
+        class_cond=True,
+        num_classes=10,
+        resblock_updown=True,
+        use_scale_shift_norm=True,
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def randomize(model, std=0.05, seed=0):
+    """Give every parameter random values (zero-initialised output layers would hide bugs)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+@pytest.fixture
+def tiny_model_and_diffusion():
+    model, diffusion = create_model_and_diffusion(**tiny_config(), distillation=True)
+    return randomize(model).eval(), diffusion

@@ -1,0 +1,119 @@
+"""End to end: the sampling script, its flags, its outputs; published names importable; checkpoint errors."""
+
+import importlib.util
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cm.checkpoints import atomic_save, load_model_weights
+from cm.script_util import create_model_and_diffusion
+
+from conftest import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_FLAGS = (
+    "--image_size 16 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 --attention_resolutions 8 "
+    "--num_head_channels 16 --class_cond True --num_classes 10 --resblock_updown True"
+)
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(cmd, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_published_names_import():
+    code = (
+        "from cm.karras_diffusion import karras_sample, KarrasDenoiser, get_sigmas_karras, "
+        "iterative_colorization, iterative_superres, iterative_inpainting, stochastic_iterative_sampler; "
+        "from cm.script_util import create_model_and_diffusion, model_and_diffusion_defaults, "
+        "cm_train_defaults, create_model, create_ema_and_scales_fn, add_dict_to_argparser, args_to_dict; "
+        "from cm.random_util import get_generator"
+    )
+    assert run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_published_sampling_command_lines_parse():
+    parser = load_script("image_sample").create_argparser()
+    line = (
+        "--batch_size 256 --training_mode consistency_training --sampler multistep --ts 0,106,200 --steps 201 "
+        "--model_path /path/to/ct_imagenet64.pt --attention_resolutions 32,16,8 --class_cond True "
+        "--use_scale_shift_norm True --dropout 0.0 --image_size 64 --num_channels 192 --num_head_channels 64 "
+        "--num_res_blocks 3 --num_samples 500 --resblock_updown True --use_fp16 True --weight_schedule uniform"
+    )
+    args = parser.parse_args(shlex.split(line))
+    assert args.class_cond is True and args.use_fp16 is True and args.steps == 201 and args.ts == "0,106,200"
+    edm = "--training_mode edm --generator determ-indiv --batch_size 8 --sigma_max 80 --sigma_min 0.002 --s_churn 0"
+    assert parser.parse_args(shlex.split(edm)).generator == "determ-indiv"
+
+
+def test_loss_norm_reaches_the_denoiser():
+    _, diffusion = create_model_and_diffusion(**tiny_config(), loss_norm="l2")
+    assert diffusion.loss_norm == "l2"
+
+
+def _sample(tmp_path, name, extra, launcher=()):
+    out = tmp_path / name
+    cmd = [*launcher, sys.executable, "scripts/image_sample.py", *TINY_FLAGS.split(), "--training_mode",
+           "consistency_training", "--sampler", "multistep", "--ts", "0,3,5", "--steps", "6", "--num_samples", "7",
+           "--log_dir", str(out), *extra]
+    result = run(cmd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return np.load(out / "samples_7x16x16x3.npz"), out
+
+
+def test_image_sample_writes_npz_and_grid(tmp_path):
+    data, out = _sample(tmp_path, "a", ["--batch_size", "3"])
+    assert data["arr_0"].shape == (7, 16, 16, 3) and data["arr_0"].dtype == np.uint8
+    assert data["arr_1"].shape == (7,) and data["arr_1"].max() < 10
+    assert (out / "samples_grid.png").exists()
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_image_sample_fixed_labels(tmp_path):
+    data, _ = _sample(tmp_path, "b", ["--batch_size", "4", "--class_labels", "3,5"])
+    assert data["arr_1"].tolist() == [3, 5, 3, 5, 3, 5, 3]
+
+
+@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec not installed")
+def test_two_processes_give_the_single_process_batch(tmp_path):
+    one, _ = _sample(tmp_path, "one", ["--batch_size", "5"])
+    two, _ = _sample(tmp_path, "two", ["--batch_size", "2"], launcher=("mpiexec", "-n", "2"))
+    assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
+
+
+def test_bad_flags_give_one_clear_line(tmp_path):
+    result = run([sys.executable, "scripts/image_sample.py", *TINY_FLAGS.split(), "--sampler", "multistep",
+                  "--log_dir", str(tmp_path)])
+    assert result.returncode != 0 and "--ts" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_mismatched_and_truncated_checkpoints(tmp_path):
+    small, _ = create_model_and_diffusion(**tiny_config())
+    other, _ = create_model_and_diffusion(**tiny_config(num_channels=64, class_cond=False))
+    path = str(tmp_path / "model.pt")
+    atomic_save(other.state_dict(), path)
+    with pytest.raises(ValueError, match=r"does not fit.*missing: label_emb.weight.*shape: time_embed.0.weight"):
+        load_model_weights(small, path)
+    with open(path, "rb") as f:
+        head = f.read(1000)
+    with open(path, "wb") as f:
+        f.write(head)
+    with pytest.raises(ValueError, match="truncated"):
+        load_model_weights(small, path)
+    atomic_save(small.state_dict(), path)
+    load_model_weights(other := create_model_and_diffusion(**tiny_config())[0], path)
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), small.state_dict().values()))
