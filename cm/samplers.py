@@ -31,14 +31,21 @@ def _steps(n, progress, desc):
     return tqdm(range(n), desc=desc, leave=False) if progress else range(n)
 
 
-def _churn(x, sigma, num_steps, generator, s_churn, s_tmin, s_tmax, s_noise):
-    """Karras Algorithm 2 lines 4-6: raise sigma to sigma_hat = sigma (1 + gamma) by adding fresh noise."""
-    gamma = min(s_churn / num_steps, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+def _churned_derivative(denoiser, x, sigmas, i, generator, churn, callback):
+    """Karras Algorithm 2 lines 4-7: raise sigma_i to sigma_hat = sigma_i (1 + gamma) with fresh noise
+    (gamma > 0 only inside [s_tmin, s_tmax]), then evaluate the ODE derivative there.
+    Noise is drawn every step, as published, so the random stream does not depend on gamma."""
+    s_churn, s_tmin, s_tmax, s_noise = churn
+    sigma = sigmas[i]
+    gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
     eps = generator.randn_like(x) * s_noise
     sigma_hat = sigma * (gamma + 1)
     if gamma > 0:
         x = x + eps * (sigma_hat**2 - sigma**2) ** 0.5
-    return x, sigma_hat
+    denoised = denoiser(x, sigma_hat * x.new_ones([x.shape[0]]))
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
+    return x, sigma_hat, to_d(x, sigma_hat, denoised)
 
 
 @torch.no_grad()
@@ -56,12 +63,9 @@ def sample_heun(
 ):
     """Heun's second-order method with optional churn (Karras et al. 2022, Algorithm 2)."""
     s_in = x.new_ones([x.shape[0]])
+    churn = (s_churn, s_tmin, s_tmax, s_noise)
     for i in _steps(len(sigmas) - 1, progress, "heun"):
-        x, sigma_hat = _churn(x, sigmas[i], len(sigmas) - 1, generator, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = denoiser(x, sigma_hat * s_in)
-        d = to_d(x, sigma_hat, denoised)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
+        x, sigma_hat, d = _churned_derivative(denoiser, x, sigmas, i, generator, churn, callback)
         dt = sigmas[i + 1] - sigma_hat
         if sigmas[i + 1] == 0:
             x = x + d * dt  # Euler step into sigma = 0
@@ -100,12 +104,9 @@ def sample_dpm(
 ):
     """DPM-Solver-2-like midpoint method, the midpoint on a rho = 3 Karras schedule, with churn."""
     s_in = x.new_ones([x.shape[0]])
+    churn = (s_churn, s_tmin, s_tmax, s_noise)
     for i in _steps(len(sigmas) - 1, progress, "dpm"):
-        x, sigma_hat = _churn(x, sigmas[i], len(sigmas) - 1, generator, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = denoiser(x, sigma_hat * s_in)
-        d = to_d(x, sigma_hat, denoised)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
+        x, sigma_hat, d = _churned_derivative(denoiser, x, sigmas, i, generator, churn, callback)
         sigma_mid = ((sigma_hat ** (1 / 3) + sigmas[i + 1] ** (1 / 3)) / 2) ** 3
         x_2 = x + d * (sigma_mid - sigma_hat)
         d_2 = to_d(x_2, sigma_mid, denoiser(x_2, sigma_mid * s_in))
