@@ -14,6 +14,7 @@ setup(
     version="0.1.0",
     description="Consistency models (Song et al., ICML 2023): training, sampling and evaluation in PyTorch",
     packages=find_packages(include=["cm", "cm.*", "evaluations", "evaluations.*"]),
+    package_data={"cm": ["data/*.npz"]},  # the embedded digits set
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",

@@ -1,29 +1,14 @@
 """Preconditioning: how a raw network becomes a denoiser D(x, sigma) or a consistency function f(x, sigma).
 
 All scalings live here (EDM, Karras et al. 2022, Table 1; CM paper, Appendix C, eq. for c_skip/c_out).
+`KarrasDenoiser` also carries the training losses under their published method names (cm/losses.py).
 """
 
 import torch
 
+from . import losses
+from .losses import WEIGHT_SCHEDULES
 from .nn import append_dims
-
-WEIGHT_SCHEDULES = ("snr", "snr+1", "karras", "truncated-snr", "uniform")
-
-
-def get_weightings(weight_schedule, snrs, sigma_data):
-    """Per-sample loss weight lambda(sigma) from the signal-to-noise ratio snr = sigma^-2."""
-    if weight_schedule == "snr":
-        return snrs
-    if weight_schedule == "snr+1":
-        return snrs + 1
-    if weight_schedule == "karras":
-        # EDM's lambda = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2
-        return snrs + 1.0 / sigma_data**2
-    if weight_schedule == "truncated-snr":
-        return torch.clamp(snrs, min=1.0)
-    if weight_schedule == "uniform":
-        return torch.ones_like(snrs)
-    raise ValueError(f"unknown weight_schedule {weight_schedule!r}; choose one of {', '.join(WEIGHT_SCHEDULES)}")
 
 
 def network_time(sigmas):
@@ -49,6 +34,7 @@ class KarrasDenoiser:
         weight_schedule="karras",
         distillation=False,
         loss_norm="lpips",
+        lpips_vgg_path=None,
     ):
         if weight_schedule not in WEIGHT_SCHEDULES:
             raise ValueError(
@@ -60,7 +46,12 @@ class KarrasDenoiser:
         self.rho = rho
         self.weight_schedule = weight_schedule
         self.distillation = distillation
+        if loss_norm not in losses.LOSS_NORMS:
+            raise ValueError(f"unknown loss_norm {loss_norm!r}; choose one of {', '.join(losses.LOSS_NORMS)}")
         self.loss_norm = loss_norm
+        self.lpips_vgg_path = lpips_vgg_path
+        self.lpips_loss = None  # built on first use (loss_norm "lpips")
+        self.num_timesteps = 40  # the grid of the published "uniform" schedule sampler
 
     def get_snr(self, sigmas):
         return sigmas**-2
@@ -95,3 +86,47 @@ class KarrasDenoiser:
         model_output = model(c_in * x_t, network_time(sigmas), **model_kwargs)
         denoised = c_out * model_output + c_skip * x_t
         return model_output, denoised
+
+    def lpips_network(self, device):
+        """The LPIPS network of loss_norm 'lpips', built on first use (VGG-16 weights from the cache
+        or `self.lpips_vgg_path`) and kept on `device`."""
+        if self.loss_norm != "lpips":
+            return None
+        if self.lpips_loss is None:
+            from .lpips import LPIPS
+
+            self.lpips_loss = LPIPS(vgg_weights=self.lpips_vgg_path)
+        return self.lpips_loss.to(device)
+
+    def training_losses(self, model, x_start, sigmas, model_kwargs=None, noise=None):
+        """EDM denoising loss at the given sigmas (per-sample terms "loss", "mse", "xs_mse")."""
+        return losses.edm_loss(self, model, x_start, sigmas, model_kwargs, noise)
+
+    def consistency_losses(
+        self,
+        model,
+        x_start,
+        num_scales,
+        model_kwargs=None,
+        target_model=None,
+        teacher_model=None,
+        teacher_diffusion=None,
+        noise=None,
+        indices=None,
+        teacher_solver="heun",
+    ):
+        """CD with a teacher, CT without (per-sample term "loss")."""
+        return losses.consistency_loss(
+            self, model, x_start, num_scales, model_kwargs, target_model, teacher_model, teacher_diffusion,
+            noise, indices, teacher_solver, self.lpips_network(x_start.device),
+        )
+
+    def progdist_losses(
+        self, model, x_start, num_scales, model_kwargs=None, teacher_model=None, teacher_diffusion=None, noise=None,
+        indices=None,
+    ):
+        """Progressive distillation against the teacher (per-sample term "loss")."""
+        return losses.progdist_loss(
+            self, model, x_start, num_scales, model_kwargs, teacher_model, teacher_diffusion, noise, indices,
+            self.lpips_network(x_start.device),
+        )

@@ -107,6 +107,23 @@ def all_gather(tensor):
     return out
 
 
+def all_reduce_mean(tensor):
+    """The mean of `tensor` over all ranks (the tensor itself in one process)."""
+    if not dist.is_initialized():
+        return tensor
+    tensor = tensor.clone()
+    dist.all_reduce(tensor)
+    return tensor / get_world_size()
+
+
+@torch.no_grad()
+def sync_params(params):
+    """Copy rank 0's values of `params` to every rank (nothing to do in one process)."""
+    if dist.is_initialized():
+        for p in params:
+            dist.broadcast(p, 0)
+
+
 def load_state_dict(path, map_location="cpu"):
     """Read a checkpoint (a plain state dict) once on rank 0 and share its bytes with the other ranks;
     loaded with weights_only=True (no pickled code runs)."""

@@ -1,7 +1,8 @@
 """The published module's public names, from where they now live (denoiser, schedule, samplers, editing)."""
 
-from .denoiser import KarrasDenoiser, get_weightings
+from .denoiser import KarrasDenoiser
 from .editing import iterative_colorization, iterative_inpainting, iterative_superres
+from .losses import get_weightings
 from .samplers import (
     get_ancestral_step,
     karras_sample,

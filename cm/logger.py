@@ -53,8 +53,9 @@ def logkv_mean(key, value):
     _counts[key] += 1
 
 
-def dumpkvs():
-    """Print the collected values as a table, append them to progress.csv, and clear them."""
+def dumpkvs(echo=True):
+    """Print the collected values as a table (unless `echo` is False), append them to progress.csv
+    and log.txt, and clear them; returns them."""
     global _csv_keys
     row = dict(_kvs)
     row.update({k: _means[k] / _counts[k] for k in _means})
@@ -65,8 +66,12 @@ def dumpkvs():
         return row
     width = max(len(k) for k in row)
     lines = [f"| {k:<{width}} | {_fmt(v):>12} |" for k, v in sorted(row.items())]
-    print("\n".join(["-" * (width + 19)] + lines + ["-" * (width + 19)]), flush=True)
+    table = "\n".join(["-" * (width + 19)] + lines + ["-" * (width + 19)])
+    if echo:
+        print(table, flush=True)
     if _dir is not None:
+        with open(os.path.join(_dir, "log.txt"), "a") as f:
+            f.write(table + "\n")
         path = os.path.join(_dir, "progress.csv")
         keys = sorted(row)
         new_header = _csv_keys is None or keys != _csv_keys

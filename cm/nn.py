@@ -8,10 +8,10 @@ import torch.utils.checkpoint
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype, cast back afterwards."""
+    """GroupNorm computed in at least float32 precision whatever the input dtype, cast back afterwards."""
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        return super().forward(x.to(torch.promote_types(x.dtype, torch.float32))).type(x.dtype)
 
 
 def normalization(channels):

@@ -216,3 +216,47 @@ def add_dict_to_argparser(parser, default_dict):
 
 def args_to_dict(args, keys):
     return {k: getattr(args, k) for k in keys}
+
+
+def train_defaults():
+    """Flags shared by cm_train.py and edm_train.py: the published ones, then this project's."""
+    return dict(
+        data_dir="",  # image folder, .npz batch, downsampled-ImageNet .npz, or "digits"
+        schedule_sampler="uniform",  # EDM noise-level sampler: lognormal | uniform
+        lr=1e-4,
+        weight_decay=0.0,
+        lr_anneal_steps=0,  # linear decay of the learning rate to 0 over this many steps (0: constant)
+        global_batch_size=2048,  # split over the processes when batch_size is -1
+        batch_size=-1,  # per-process batch (-1: global_batch_size / processes)
+        microbatch=-1,  # split each batch into microbatches of this size (-1: no split)
+        ema_rate="0.9999",  # comma-separated EMA rates of the saved averages
+        log_interval=10,  # steps between log lines
+        save_interval=10000,  # steps between checkpoints
+        resume_checkpoint="",  # modelNNNNNN.pt to resume from (default: the newest complete one in the log folder)
+        use_fp16=False,
+        fp16_scale_growth=1e-3,  # growth of log2(loss scale) per successful fp16 step
+        seed=0,  # model initialisation, data order and training noise
+        random_flip=True,  # horizontal-flip augmentation
+        device="",  # cpu | cuda | cuda:N; empty: this rank's GPU if any, else the CPU
+        gpus_per_node=0,  # GPUs the ranks of one node share (0: all visible)
+        log_dir="",  # run folder; empty: $OPENAI_LOGDIR, else runs/<time>
+        progress=True,  # progress bar (log tables then go to log.txt and progress.csv only)
+    )
+
+
+def run_cli(main):
+    """Run a script's main(); expected failures (bad flags, data, checkpoints, a diverged loss) end
+    with one line on stderr and exit status 1 instead of a traceback."""
+    import sys
+
+    from .train_util import NonFiniteLossError
+
+    import os
+
+    try:
+        main()
+    except (ValueError, FileNotFoundError, NotADirectoryError, NonFiniteLossError) as err:
+        if os.environ.get("CM_TRACEBACK"):
+            raise
+        print(f"error: {err} (set CM_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        sys.exit(1)

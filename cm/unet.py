@@ -382,7 +382,8 @@ class UNetModel(nn.Module):
                 "pass class labels y if and only if the model is class-conditional "
                 f"(model num_classes={self.num_classes}, y given: {y is not None})"
             )
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        t_emb = timestep_embedding(timesteps, self.model_channels)
+        emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
         if self.num_classes is not None:
             if y.shape != (x.shape[0],):
                 raise ValueError(f"labels y must have shape ({x.shape[0]},), got {tuple(y.shape)}")

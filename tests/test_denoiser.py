@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from cm.denoiser import KarrasDenoiser, get_weightings, network_time
+from cm.denoiser import KarrasDenoiser, network_time
+from cm.losses import get_weightings
 
 
 def test_consistency_boundary_condition_is_exact(tiny_model_and_diffusion):

@@ -1,0 +1,49 @@
+"""What every training script does first: processes, run folder, seed, resolved config, batch size, data."""
+
+import json
+import os
+
+import torch
+
+from . import dist_util, logger
+from .atomic import atomic_write_text
+from .image_datasets import load_data
+
+
+def start_run(args):
+    """Join the process group, open the run folder, seed every rank alike (identical initial
+    weights), print the resolved config and save it as config.json; returns the config dict."""
+    dist_util.setup_dist(device=args.device or None, gpus_per_node=args.gpus_per_node or None)
+    logger.configure(args.log_dir or None)
+    torch.manual_seed(args.seed)
+    config = dict(vars(args))
+    logger.log("config: " + json.dumps(config, sort_keys=True, default=str))
+    if dist_util.get_rank() == 0:
+        text = json.dumps(config, indent=2, sort_keys=True, default=str)
+        atomic_write_text(os.path.join(logger.get_dir(), "config.json"), text)
+    return config
+
+
+def per_process_batch(args):
+    """--batch_size, or --global_batch_size shared out over the processes."""
+    if args.batch_size > 0:
+        return args.batch_size
+    world = dist_util.get_world_size()
+    if args.global_batch_size % world:
+        logger.log(f"warning: global batch {args.global_batch_size} is not divisible by {world} processes; "
+                   f"using {world * (args.global_batch_size // world)}")
+    batch = args.global_batch_size // world
+    if batch < 1:
+        raise ValueError(f"--global_batch_size {args.global_batch_size} is smaller than the {world} processes")
+    return batch
+
+
+def training_data(args, batch_size):
+    return load_data(
+        data_dir=args.data_dir,
+        batch_size=batch_size,
+        image_size=args.image_size,
+        class_cond=args.class_cond,
+        random_flip=args.random_flip,
+        seed=args.seed,
+    )

@@ -1,0 +1,114 @@
+"""Train a consistency model: consistency distillation (CD) from an EDM teacher, consistency
+training (CT), or progressive distillation. Takes every flag of the published script.
+
+  mpiexec -n 8 python scripts/cm_train.py --training_mode consistency_training ... --data_dir /path/to/data
+"""
+
+import argparse
+import copy
+
+from cm import dist_util, logger
+from cm.checkpoints import load_model_weights
+from cm.run_setup import per_process_batch, start_run, training_data
+from cm.script_util import (
+    add_dict_to_argparser,
+    args_to_dict,
+    cm_train_defaults,
+    create_ema_and_scales_fn,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    run_cli,
+    train_defaults,
+)
+from cm.train_util import CMTrainLoop
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+    config = start_run(args)
+
+    ema_scale_fn = create_ema_and_scales_fn(
+        target_ema_mode=args.target_ema_mode,
+        start_ema=args.start_ema,
+        scale_mode=args.scale_mode,
+        start_scales=args.start_scales,
+        end_scales=args.end_scales,
+        total_steps=args.total_training_steps,
+        distill_steps_per_iter=args.distill_steps_per_iter,
+    )
+    if args.training_mode not in ("consistency_distillation", "consistency_training", "progdist"):
+        raise ValueError(
+            f"unknown --training_mode {args.training_mode}; choose consistency_distillation, consistency_training or progdist"
+        )
+    # consistency models use the boundary-condition scalings; progressive distillation keeps EDM's
+    model_kwargs = args_to_dict(args, model_and_diffusion_defaults().keys())
+    model_kwargs["distillation"] = args.training_mode != "progdist"
+    logger.log("creating model and diffusion...")
+    model, diffusion = create_model_and_diffusion(**model_kwargs, loss_norm=args.loss_norm)
+    diffusion.lpips_vgg_path = args.lpips_vgg_path or None
+    model.to(dist_util.dev()).train()
+
+    batch_size = per_process_batch(args)
+    data = training_data(args, batch_size)
+
+    teacher_model = teacher_diffusion = None
+    if args.teacher_model_path:
+        logger.log(f"loading the teacher model from {args.teacher_model_path}")
+        teacher_kwargs = dict(model_kwargs, dropout=args.teacher_dropout, distillation=False)
+        teacher_model, teacher_diffusion = create_model_and_diffusion(**teacher_kwargs)
+        load_model_weights(teacher_model, args.teacher_model_path)
+        # the student starts from the teacher's weights (as published, for every training mode)
+        model.load_state_dict(teacher_model.state_dict())
+        teacher_model.to(dist_util.dev()).eval()
+        if args.use_fp16:
+            teacher_model.convert_to_fp16()
+    elif args.training_mode != "consistency_training":
+        raise ValueError(f"--training_mode {args.training_mode} needs --teacher_model_path (an EDM checkpoint)")
+
+    target_model = copy.deepcopy(model)  # the target network f^- starts as the online network
+    logger.log("training...")
+    CMTrainLoop(
+        model=model,
+        target_model=target_model,
+        teacher_model=teacher_model,
+        teacher_diffusion=teacher_diffusion,
+        training_mode=args.training_mode,
+        ema_scale_fn=ema_scale_fn,
+        total_training_steps=args.total_training_steps,
+        teacher_solver=args.teacher_solver,
+        diffusion=diffusion,
+        data=data,
+        batch_size=batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        ema_rate=args.ema_rate,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        use_fp16=args.use_fp16,
+        use_bf16=args.use_bf16,
+        fp16_scale_growth=args.fp16_scale_growth,
+        weight_decay=args.weight_decay,
+        lr_anneal_steps=args.lr_anneal_steps,
+        seed=args.seed,
+        config=config,
+        progress=args.progress,
+    ).run_loop()
+    logger.log("training complete")
+
+
+def create_argparser():
+    defaults = train_defaults()
+    defaults.update(model_and_diffusion_defaults())
+    defaults.update(cm_train_defaults())
+    defaults.update(
+        teacher_solver="heun",  # CD's one ODE step with the teacher: heun (published) | euler
+        lpips_vgg_path="",  # VGG-16 ImageNet weights for LPIPS (default: torchvision's cache)
+    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dict_to_argparser(parser, defaults)
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,66 @@
+"""Train an EDM diffusion model (the teacher of consistency distillation). Takes every flag of the
+published script, plus --total_training_steps (0: until lr_anneal_steps, or until stopped, as published).
+
+  mpiexec -n 8 python scripts/edm_train.py --schedule_sampler lognormal ... --data_dir /path/to/imagenet
+"""
+
+import argparse
+
+from cm import dist_util, logger
+from cm.run_setup import per_process_batch, start_run, training_data
+from cm.script_util import (
+    add_dict_to_argparser,
+    args_to_dict,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    run_cli,
+    train_defaults,
+)
+from cm.train_util import TrainLoop
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+    config = start_run(args)
+    logger.log("creating model and diffusion...")
+    model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
+    model.to(dist_util.dev()).train()
+    batch_size = per_process_batch(args)
+    data = training_data(args, batch_size)
+    logger.log("training...")
+    TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        batch_size=batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        ema_rate=args.ema_rate,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        use_fp16=args.use_fp16,
+        use_bf16=args.use_bf16,
+        fp16_scale_growth=args.fp16_scale_growth,
+        schedule_sampler=args.schedule_sampler,
+        weight_decay=args.weight_decay,
+        lr_anneal_steps=args.lr_anneal_steps,
+        total_training_steps=args.total_training_steps,
+        seed=args.seed,
+        config=config,
+        progress=args.progress,
+    ).run_loop()
+    logger.log("training complete")
+
+
+def create_argparser():
+    defaults = train_defaults()
+    defaults.update(model_and_diffusion_defaults())
+    defaults.update(total_training_steps=0)  # stop after this many steps (0: no limit but lr_anneal_steps)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dict_to_argparser(parser, defaults)
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,239 @@
+"""Training end to end at tiny size: EDM, CD, CT; checkpoints, resume after SIGKILL, processes, precision, errors."""
+
+import csv
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cm.image_datasets import load_digits_arrays
+from cm.script_util import create_model_and_diffusion
+from cm.train_util import Precision
+
+from conftest import tiny_config
+from test_scripts import ROOT, TINY_FLAGS, load_script, run
+
+TRAIN = TINY_FLAGS + " --data_dir digits --global_batch_size 16 --lr 2e-4 --ema_rate 0.9,0.99 --progress False"
+CT = "--training_mode consistency_training --target_ema_mode fixed --start_ema 0.9 --scale_mode fixed --start_scales 10 --loss_norm l2 --weight_schedule uniform"
+
+
+def train(script, flags, log_dir):
+    load_script(script).main(shlex.split(flags) + ["--log_dir", str(log_dir)])
+
+
+def losses(log_dir):
+    with open(os.path.join(log_dir, "progress.csv")) as f:
+        return [float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")]
+
+
+def state(log_dir, step, names=("model", "ema_0.9_", "target_model")):
+    return {n: torch.load(os.path.join(log_dir, f"{n}{step:06d}.pt"), weights_only=True) for n in names}
+
+
+def assert_same(a, b, atol=0.0):
+    for name in a:
+        for key in a[name]:
+            torch.testing.assert_close(a[name][key], b[name][key], rtol=0, atol=atol, msg=f"{name} {key}")
+
+
+def fixed_batch_loss(model_state, target_state, teacher_state=None, num_scales=10):
+    """The CT (or, with a teacher, CD) l2 loss on 128 digits with fixed noise and grid indices:
+    a deterministic measure of training progress, unlike the noisy per-step losses."""
+
+    def net(state, distillation=True):
+        model = create_model_and_diffusion(**tiny_config(), distillation=distillation, loss_norm="l2")
+        model[0].load_state_dict(state)
+        return model[0].eval(), model[1]
+
+    model, diffusion = net(model_state)
+    diffusion.weight_schedule = "uniform"
+    teacher, teacher_diffusion = net(teacher_state, distillation=False) if teacher_state else (None, None)
+    images, labels = load_digits_arrays()
+    x = torch.from_numpy(images[:128]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(x.shape, generator=gen)
+    indices = torch.randint(0, num_scales - 1, (128,), generator=gen)
+    with torch.no_grad():
+        return diffusion.consistency_losses(
+            model, x, num_scales, model_kwargs={"y": torch.from_numpy(labels[:128])}, target_model=net(target_state)[0],
+            teacher_model=teacher, teacher_diffusion=teacher_diffusion, noise=noise, indices=indices,
+        )["loss"].mean().item()
+
+
+def initial_state(seed=0):
+    """The weights a run with --seed `seed` starts from (the scripts seed before building the model)."""
+    torch.manual_seed(seed)
+    return create_model_and_diffusion(**tiny_config())[0].state_dict()
+
+
+@pytest.fixture(scope="module")
+def edm_teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("edm")
+    train("edm_train", TRAIN + " --schedule_sampler lognormal --total_training_steps 30 --log_interval 1 "
+          "--save_interval 30 --weight_schedule karras --lr 5e-4", out)
+    return out
+
+
+def test_edm_run_lowers_the_loss_and_writes_its_checkpoint(edm_teacher):
+    curve = losses(edm_teacher)
+    assert len(curve) == 30 and sum(curve[-10:]) < sum(curve[:10])
+    for name in ("model000030.pt", "ema_0.9_000030.pt", "ema_0.99_000030.pt", "opt000030.pt", "train_state000030.pt", "config.json"):
+        assert (edm_teacher / name).exists(), name
+
+
+def test_cd_run_from_the_teacher_lowers_the_loss(edm_teacher, tmp_path):
+    flags = (TRAIN + " --training_mode consistency_distillation --target_ema_mode fixed --start_ema 0.9 "
+             "--scale_mode fixed --start_scales 10 --loss_norm l2 --weight_schedule uniform --total_training_steps 30 "
+             f"--log_interval 1 --save_interval 30 --teacher_model_path {edm_teacher / 'model000030.pt'}")
+    train("cm_train", flags.replace("--lr 2e-4", "--lr 1e-3"), tmp_path)
+    assert len(losses(tmp_path)) == 30
+    teacher = torch.load(edm_teacher / "model000030.pt", weights_only=True)
+    end = state(tmp_path, 30)
+    before = fixed_batch_loss(teacher, teacher, teacher)  # the student starts as the teacher
+    after = fixed_batch_loss(end["model"], end["target_model"], teacher)
+    assert after < 0.95 * before, (before, after)
+    names = ["model", "ema_0.9_", "ema_0.99_", "opt", "train_state", "target_model"]
+    assert all((tmp_path / f"{n}000030.pt").exists() for n in names)
+    model = torch.load(tmp_path / "model000030.pt", weights_only=True)
+    assert "cm_config" in model._metadata  # the resolved config travels inside the checkpoint
+
+
+def test_ct_run_lowers_the_loss(tmp_path):
+    flags = TRAIN.replace("--lr 2e-4", "--lr 1e-3") + " " + CT + " --total_training_steps 30 --log_interval 10 --save_interval 30"
+    train("cm_train", flags, tmp_path)
+    start, end = initial_state(), state(tmp_path, 30)
+    before = fixed_batch_loss(start, start)
+    after = fixed_batch_loss(end["model"], end["target_model"])
+    assert after < 0.95 * before, (before, after)
+
+
+def _script_cmd(log_dir, steps, extra=""):
+    return [sys.executable, "scripts/cm_train.py", *shlex.split(TRAIN + " " + CT + " --log_interval 5 --save_interval 5 "
+            + f"--total_training_steps {steps} --dropout 0.1 " + extra), "--log_dir", str(log_dir)]
+
+
+def test_sigkill_then_resume_continues_exactly(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert run(_script_cmd(whole, 15)).returncode == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # as run() uses: same threads, same float sums
+    proc = subprocess.Popen(_script_cmd(killed, 15), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "model000010.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # a save cut short: the step-15 files written before the model file, and a temporary model file
+    for name in ("ema_0.9_000015.pt", "opt000015.pt"):
+        if (whole / name).exists() and not (killed / "model000015.pt").exists():
+            shutil.copy(whole / name, killed / name)
+    (killed / "model000015.tmp999.pt").write_bytes(b"half a checkpoint")
+    result = run(_script_cmd(killed, 15))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resuming from" in result.stdout
+    assert_same(state(whole, 15), state(killed, 15))
+    opt_a = torch.load(whole / "opt000015.pt", weights_only=True)
+    opt_b = torch.load(killed / "opt000015.pt", weights_only=True)
+    for key, value in opt_a["state"].items():
+        torch.testing.assert_close(opt_b["state"][key]["exp_avg"], value["exp_avg"], rtol=0, atol=0)
+    assert torch.load(killed / "train_state000015.pt", weights_only=True)["step"] == 15
+
+
+@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec not installed")
+def test_two_processes_take_the_same_steps_as_one(tmp_path):
+    flags = TRAIN + " " + CT + " --total_training_steps 6 --log_interval 3 --save_interval 6"
+    one = run([sys.executable, "scripts/cm_train.py", *shlex.split(flags), "--log_dir", str(tmp_path / "one")])
+    two = run(["mpiexec", "-n", "2", sys.executable, "scripts/cm_train.py", *shlex.split(flags), "--log_dir", str(tmp_path / "two")])
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert_same(state(tmp_path / "one", 6), state(tmp_path / "two", 6), atol=1e-6)
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-5)
+
+
+def test_microbatches_take_the_same_step_as_the_whole_batch(tmp_path):
+    base = TRAIN + " " + CT + " --total_training_steps 3 --log_interval 3 --save_interval 3"
+    train("cm_train", base, tmp_path / "whole")
+    train("cm_train", base + " --microbatch 6", tmp_path / "micro")
+    assert_same(state(tmp_path / "whole", 3), state(tmp_path / "micro", 3), atol=1e-6)
+
+
+def test_bf16_and_fp16_runs(tmp_path):
+    for flag in ("--use_bf16 True", "--use_fp16 True"):
+        out = tmp_path / flag.split()[0][2:]
+        train("cm_train", TRAIN + " " + CT + f" --total_training_steps 4 --log_interval 2 --save_interval 4 {flag}", out)
+        assert all(torch.isfinite(v).all() for v in state(out, 4)["model"].values())
+        assert all(v.dtype == torch.float32 for v in state(out, 4)["model"].values())
+
+
+def test_fp16_skips_a_step_with_overflowing_gradients():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1))
+    model.convert_to_fp16 = lambda: model.half()
+    precision = Precision(model, "fp16", initial_lg_loss_scale=4.0)  # (2^20 would overflow these fp16 grads)
+    opt = torch.optim.SGD(precision.master_params, lr=0.1)
+    before = [p.detach().clone() for p in precision.master_params]
+    x = torch.ones(1, 3, 2, 2, dtype=torch.float16)
+    precision.backward(model(x).float().sum() * float("inf"))
+    took, _, _ = precision.optimize(opt)
+    assert not took and precision.lg_loss_scale == 3.0
+    assert all(torch.equal(a, b) for a, b in zip(before, precision.master_params))
+    precision.zero_grad()
+    precision.backward(model(x).float().sum())
+    took, grad_norm, _ = precision.optimize(opt)
+    assert took and precision.lg_loss_scale == pytest.approx(3.001)
+    # the unscaled gradient of sum(w x + b) over 4 pixels: 4 per weight and bias entry
+    assert grad_norm.item() == pytest.approx((12 * 16) ** 0.5, rel=1e-3)
+    torch.testing.assert_close(model[0].bias.float(), precision.master_params[1].half().float())
+
+
+def test_float32_divergence_stops_naming_the_step(tmp_path):
+    result = run([sys.executable, "scripts/cm_train.py", *shlex.split(TRAIN + " " + CT), "--lr", "1e12",
+                  "--total_training_steps", "30", "--log_interval", "1", "--save_interval", "30", "--log_dir", str(tmp_path)])
+    assert result.returncode == 1
+    assert "inf/NaN at step" in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("model*.pt"))
+
+
+def test_clear_errors(tmp_path, edm_teacher):
+    cases = [
+        ("--training_mode consistency_distillation", "--teacher_model_path"),
+        ("--training_mode consistency_distillation --teacher_model_path " + str(tmp_path / "none.pt"), "not found"),
+        ("--data_dir " + str(tmp_path / "missing"), "missing"),
+    ]
+    for extra, message in cases:
+        result = run([sys.executable, "scripts/cm_train.py", *shlex.split(TRAIN + " " + extra), "--log_dir", str(tmp_path / "x")])
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    wrong = run([sys.executable, "scripts/cm_train.py", *shlex.split(TRAIN.replace("--num_channels 32", "--num_channels 64")),
+                 "--training_mode", "consistency_distillation", "--teacher_model_path", str(edm_teacher / "model000030.pt"),
+                 "--log_dir", str(tmp_path / "y")])
+    assert wrong.returncode == 1 and "does not fit" in wrong.stderr and "shape" in wrong.stderr
+
+
+PUBLISHED_TRAINING_LINES = [
+    ("edm_train", "--attention_resolutions 32,16,8 --class_cond True --use_scale_shift_norm True --dropout 0.1 "
+     "--ema_rate 0.999,0.9999,0.9999432189950708 --global_batch_size 4096 --image_size 64 --lr 0.0001 --num_channels 192 "
+     "--num_head_channels 64 --num_res_blocks 3 --resblock_updown True --schedule_sampler lognormal --use_fp16 True "
+     "--weight_decay 0.0 --weight_schedule karras --data_dir /path/to/imagenet"),
+    ("cm_train", "--training_mode consistency_distillation --target_ema_mode fixed --start_ema 0.95 --scale_mode fixed "
+     "--start_scales 40 --total_training_steps 600000 --loss_norm lpips --lr_anneal_steps 0 --teacher_model_path "
+     "/path/to/edm_imagenet64_ema.pt --attention_resolutions 32,16,8 --class_cond True --use_scale_shift_norm True "
+     "--dropout 0.0 --teacher_dropout 0.1 --ema_rate 0.999,0.9999,0.9999432189950708 --global_batch_size 2048 "
+     "--image_size 64 --lr 0.000008 --num_channels 192 --num_head_channels 64 --num_res_blocks 3 --resblock_updown True "
+     "--schedule_sampler uniform --use_fp16 True --weight_decay 0.0 --weight_schedule uniform --data_dir /path/to/data"),
+    ("cm_train", "--training_mode consistency_training --sigma_max 80 --sigma_min 0.002 --target_ema_mode adaptive "
+     "--start_ema 0.95 --scale_mode progressive --start_scales 2 --end_scales 150 --total_training_steps 1000000 "
+     "--loss_norm lpips --lr_anneal_steps 0 --teacher_model_path /path/to/edm_bedroom256_ema.pt --attention_resolutions "
+     "32,16,8 --class_cond False --use_scale_shift_norm False --dropout 0.0 --teacher_dropout 0.1 --ema_rate "
+     "0.9999,0.99994,0.9999432189950708 --global_batch_size 256 --image_size 256 --lr 0.00005 --num_channels 256 "
+     "--num_head_channels 64 --num_res_blocks 2 --resblock_updown True --schedule_sampler uniform --use_fp16 True "
+     "--weight_decay 0.0 --weight_schedule uniform --data_dir /path/to/bedroom256"),
+]
+
+
+@pytest.mark.parametrize("script,line", PUBLISHED_TRAINING_LINES)
+def test_published_training_lines_parse(script, line):
+    args = load_script(script).create_argparser().parse_args(shlex.split(line))
+    assert args.use_fp16 is True and args.data_dir.startswith("/path/to")
