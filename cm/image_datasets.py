@@ -74,16 +74,33 @@ def load_data(
         # the loader draws its workers' base seed from this generator, not from torch's global one
         generator=torch.Generator().manual_seed(seed),
     )
-    return _batches(loader)
+    return BatchStream(loader, sampler)
 
 
-def _batches(loader):
+class BatchStream:
     """The loader's batches (endless, as its sampler is); an unreadable image is raised here, in the main
-    process, as its one-line error rather than wrapped in a worker's traceback."""
-    for batch in loader:
+    process, as its one-line error rather than wrapped in a worker's traceback. `skip(n)` before the
+    first batch starts the stream n global batches in (a resumed training run), without reading them."""
+
+    def __init__(self, loader, sampler):
+        self.loader, self.sampler = loader, sampler
+        self._iterator = None
+
+    def skip(self, num_batches):
+        if self._iterator is not None:
+            raise RuntimeError("skip() must come before the first batch is read")
+        self.sampler.start_batch = num_batches
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._iterator is None:
+            self._iterator = iter(self.loader)
+        batch = next(self._iterator)
         if isinstance(batch, UnreadableImage):
             raise ValueError(batch.message)
-        yield batch
+        return batch
 
 
 def open_dataset(data_dir, image_size, class_cond=False, random_crop=False, random_flip=True):
@@ -323,6 +340,7 @@ class GlobalBatchSampler:
         self.rank = rank
         self.seed = seed
         self.shuffle = shuffle
+        self.start_batch = 0  # global batches to pass over before the first one yielded
 
     def epoch_plan(self, epoch):
         """(order of the N indices, sample seed of each index) for this epoch."""
@@ -333,9 +351,12 @@ class GlobalBatchSampler:
 
     def __iter__(self):
         first = self.rank * self.batch_size
-        for epoch in count():
+        per_epoch = self.num_items // self.global_batch
+        start_epoch, skip_in_epoch = divmod(self.start_batch, per_epoch)
+        for epoch in count(start_epoch):
             order, sample_seeds = self.epoch_plan(epoch)
-            for start in range(0, self.num_items - self.global_batch + 1, self.global_batch):
+            begin = skip_in_epoch * self.global_batch if epoch == start_epoch else 0
+            for start in range(begin, per_epoch * self.global_batch, self.global_batch):
                 rows = order[start + first : start + first + self.batch_size]
                 yield [(index, sample_seeds[index]) for index in rows]
 

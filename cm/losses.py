@@ -92,6 +92,16 @@ def ode_step(x, t, next_t, x0_fn, solver="heun"):
     return x + (d + next_d) * append_dims((next_t - t) / 2, dims)
 
 
+def _random_inputs(x_start, model_kwargs, noise, indices, num_indices):
+    """Defaults for what the caller did not give: no labels, fresh noise, grid indices uniform in
+    0..num_indices-1 (returned in x_start's dtype, for the sigma arithmetic)."""
+    if noise is None:
+        noise = torch.randn_like(x_start)
+    if indices is None:
+        indices = torch.randint(0, num_indices, (x_start.shape[0],), device=x_start.device)
+    return model_kwargs or {}, noise, indices.to(x_start.dtype)
+
+
 def _rng_states(device):
     """The random state dropout draws from on `device` (CPU, plus the GPU's own when on CUDA)."""
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -127,13 +137,8 @@ def consistency_loss(
     `indices` may be given (the training loop draws them per global batch)."""
     if target_model is None:
         raise ValueError("consistency losses need a target model")
-    model_kwargs = model_kwargs or {}
-    if noise is None:
-        noise = torch.randn_like(x_start)
-    if indices is None:
-        indices = torch.randint(0, num_scales - 1, (x_start.shape[0],), device=x_start.device)
+    model_kwargs, noise, indices = _random_inputs(x_start, model_kwargs, noise, indices, num_scales - 1)
     grid = dict(num_scales=num_scales, sigma_min=diffusion.sigma_min, sigma_max=diffusion.sigma_max, rho=diffusion.rho)
-    indices = indices.to(x_start.dtype)
     t = index_to_sigma(indices, **grid)
     t2 = index_to_sigma(indices + 1, **grid)
     x_t = x_start + noise * append_dims(t, x_start.ndim)
@@ -174,14 +179,8 @@ def progdist_loss(
     the denoised image that makes one Euler step land where the teacher's two did."""
     if teacher_model is None:
         raise ValueError("progressive distillation needs a teacher model")
-    model_kwargs = model_kwargs or {}
-    if noise is None:
-        noise = torch.randn_like(x_start)
-    if indices is None:
-        indices = torch.randint(0, num_scales, (x_start.shape[0],), device=x_start.device)
+    model_kwargs, noise, indices = _random_inputs(x_start, model_kwargs, noise, indices, num_scales)
     dims = x_start.ndim
-
-    indices = indices.to(x_start.dtype)
 
     def sigma_at(position):
         return karras_sigma(position / num_scales, diffusion.sigma_min, diffusion.sigma_max, diffusion.rho)

@@ -47,3 +47,28 @@ def training_data(args, batch_size):
         random_flip=args.random_flip,
         seed=args.seed,
     )
+
+
+def loop_kwargs(args, model, diffusion, data, batch_size, config):
+    """The TrainLoop arguments both training scripts pass, from their flags."""
+    return dict(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        batch_size=batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        ema_rate=args.ema_rate,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        use_fp16=args.use_fp16,
+        use_bf16=args.use_bf16,
+        fp16_scale_growth=args.fp16_scale_growth,
+        weight_decay=args.weight_decay,
+        lr_anneal_steps=args.lr_anneal_steps,
+        total_training_steps=args.total_training_steps,
+        seed=args.seed,
+        config=config,
+        progress=args.progress,
+    )

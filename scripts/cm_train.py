@@ -9,7 +9,7 @@ import copy
 
 from cm import dist_util, logger
 from cm.checkpoints import load_model_weights
-from cm.run_setup import per_process_batch, start_run, training_data
+from cm.run_setup import loop_kwargs, per_process_batch, start_run, training_data
 from cm.script_util import (
     add_dict_to_argparser,
     args_to_dict,
@@ -68,31 +68,13 @@ def main(argv=None):
     target_model = copy.deepcopy(model)  # the target network f^- starts as the online network
     logger.log("training...")
     CMTrainLoop(
-        model=model,
         target_model=target_model,
         teacher_model=teacher_model,
         teacher_diffusion=teacher_diffusion,
         training_mode=args.training_mode,
         ema_scale_fn=ema_scale_fn,
-        total_training_steps=args.total_training_steps,
         teacher_solver=args.teacher_solver,
-        diffusion=diffusion,
-        data=data,
-        batch_size=batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        ema_rate=args.ema_rate,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
-        use_fp16=args.use_fp16,
-        use_bf16=args.use_bf16,
-        fp16_scale_growth=args.fp16_scale_growth,
-        weight_decay=args.weight_decay,
-        lr_anneal_steps=args.lr_anneal_steps,
-        seed=args.seed,
-        config=config,
-        progress=args.progress,
+        **loop_kwargs(args, model, diffusion, data, batch_size, config),
     ).run_loop()
     logger.log("training complete")
 

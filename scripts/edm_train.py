@@ -7,7 +7,7 @@ published script, plus --total_training_steps (0: until lr_anneal_steps, or unti
 import argparse
 
 from cm import dist_util, logger
-from cm.run_setup import per_process_batch, start_run, training_data
+from cm.run_setup import loop_kwargs, per_process_batch, start_run, training_data
 from cm.script_util import (
     add_dict_to_argparser,
     args_to_dict,
@@ -29,26 +29,8 @@ def main(argv=None):
     data = training_data(args, batch_size)
     logger.log("training...")
     TrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=data,
-        batch_size=batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        ema_rate=args.ema_rate,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
-        use_fp16=args.use_fp16,
-        use_bf16=args.use_bf16,
-        fp16_scale_growth=args.fp16_scale_growth,
         schedule_sampler=args.schedule_sampler,
-        weight_decay=args.weight_decay,
-        lr_anneal_steps=args.lr_anneal_steps,
-        total_training_steps=args.total_training_steps,
-        seed=args.seed,
-        config=config,
-        progress=args.progress,
+        **loop_kwargs(args, model, diffusion, data, batch_size, config),
     ).run_loop()
     logger.log("training complete")
 

@@ -191,3 +191,16 @@ def test_errors_name_the_problem_and_the_fix(tmp_path):
         with pytest.raises(ValueError, match="^cannot read image .*broken/a_1.png.*delete or replace") as err:
             next(data)
         assert "\n" not in str(err.value)
+
+
+def test_skip_starts_the_stream_later_without_reading(tmp_path):
+    # 1797 digits in global batches of 2 x 64: 14 per epoch; skipping 20 crosses into the second epoch
+    full = load_data(data_dir="digits", batch_size=64, image_size=16, class_cond=True, rank=1, world_size=2, seed=3)
+    batches = [next(full) for _ in range(23)]
+    later = load_data(data_dir="digits", batch_size=64, image_size=16, class_cond=True, rank=1, world_size=2, seed=3)
+    later.skip(20)
+    for want in batches[20:]:
+        got = next(later)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1]["y"], want[1]["y"])
+    with pytest.raises(RuntimeError, match="before the first batch"):
+        later.skip(1)

@@ -206,3 +206,18 @@ def test_ema_set_tracks_several_rates():
     ema.update([torch.ones(3)])
     torch.testing.assert_close(ema.params[0][0], torch.full((3,), 1 - 0.5**2))
     torch.testing.assert_close(ema.params[1][0], torch.full((3,), 1 - 0.9**2))
+
+
+def test_lpips_consistency_loss_backpropagates(batch):
+    from cm.lpips import LPIPS
+
+    x, z, y = batch
+    model, diffusion = make(loss_norm="lpips", weight_schedule="uniform")
+    model.float()
+    diffusion.lpips_loss = LPIPS(pretrained=False)  # random backbone: no download in tests
+    target = copy.deepcopy(model)
+    loss = diffusion.consistency_losses(model, x.float(), 5, model_kwargs={"y": y}, target_model=target, noise=z.float())["loss"]
+    assert loss.shape == (3,) and (loss > 0).all()
+    loss.mean().backward()
+    assert model.out[2].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in target.parameters())

@@ -144,11 +144,19 @@ def test_sigkill_then_resume_continues_exactly(tmp_path):
     assert torch.load(killed / "train_state000015.pt", weights_only=True)["step"] == 15
 
 
-@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec not installed")
-def test_two_processes_take_the_same_steps_as_one(tmp_path):
+LAUNCHERS = {
+    "mpiexec": ["mpiexec", "-n", "2", sys.executable],
+    "torchrun": ["torchrun", "--standalone", "--nproc_per_node", "2"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_take_the_same_steps_as_one(tmp_path, launcher):
+    if shutil.which(launcher) is None:
+        pytest.skip(f"{launcher} not installed")
     flags = TRAIN + " " + CT + " --total_training_steps 6 --log_interval 3 --save_interval 6"
     one = run([sys.executable, "scripts/cm_train.py", *shlex.split(flags), "--log_dir", str(tmp_path / "one")])
-    two = run(["mpiexec", "-n", "2", sys.executable, "scripts/cm_train.py", *shlex.split(flags), "--log_dir", str(tmp_path / "two")])
+    two = run([*LAUNCHERS[launcher], "scripts/cm_train.py", *shlex.split(flags), "--log_dir", str(tmp_path / "two")])
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     assert_same(state(tmp_path / "one", 6), state(tmp_path / "two", 6), atol=1e-6)
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-5)
@@ -233,7 +241,35 @@ PUBLISHED_TRAINING_LINES = [
 ]
 
 
-@pytest.mark.parametrize("script,line", PUBLISHED_TRAINING_LINES)
+LINE_IDS = ["edm_imagenet64", "cd_lpips_imagenet64", "ct_bedroom256"]
+
+
+@pytest.mark.parametrize("script,line", PUBLISHED_TRAINING_LINES, ids=LINE_IDS)
 def test_published_training_lines_parse(script, line):
     args = load_script(script).create_argparser().parse_args(shlex.split(line))
     assert args.use_fp16 is True and args.data_dir.startswith("/path/to")
+
+
+@pytest.fixture(scope="module")
+def random_vgg(tmp_path_factory):
+    """A VGG-16 checkpoint in torchvision's layout with random weights (the real one cannot be fetched offline)."""
+    import torchvision
+
+    path = tmp_path_factory.mktemp("vgg") / "vgg16-random.pth"
+    features = torchvision.models.vgg16(weights=None).features.state_dict()
+    torch.save({f"features.{k}": v for k, v in features.items()}, path)
+    return path
+
+
+SHRUNK = ("--image_size 16 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 --attention_resolutions 8 "
+          "--num_head_channels 16 --num_classes 10 --global_batch_size 4 --data_dir digits --total_training_steps 2 "
+          "--save_interval 2 --progress False")
+
+
+@pytest.mark.parametrize("script,line", PUBLISHED_TRAINING_LINES[:2], ids=LINE_IDS[:2])
+def test_published_imagenet_lines_train_when_shrunk(script, line, edm_teacher, random_vgg, tmp_path):
+    # the published line, then the sizes shrunk (a later flag wins), fp16 and LPIPS included
+    extra = f" --teacher_model_path {edm_teacher / 'model000030.pt'} --lpips_vgg_path {random_vgg}"
+    train(script, line + " " + SHRUNK + (extra if script == "cm_train" else ""), tmp_path)
+    saved = state(tmp_path, 2, names=("model",))["model"]
+    assert all(torch.isfinite(v).all() for v in saved.values())
