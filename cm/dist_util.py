@@ -116,6 +116,14 @@ def all_reduce_mean(tensor):
     return tensor / get_world_size()
 
 
+def broadcast_from_rank0(tensor):
+    """Rank 0's value of `tensor` on every rank."""
+    if dist.is_initialized():
+        tensor = tensor.clone()
+        dist.broadcast(tensor, 0)
+    return tensor
+
+
 @torch.no_grad()
 def sync_params(params):
     """Copy rank 0's values of `params` to every rank (nothing to do in one process)."""

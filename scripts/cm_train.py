@@ -8,6 +8,7 @@ import argparse
 import copy
 
 from cm import dist_util, logger
+from cm.config import parse_args_with_config
 from cm.checkpoints import load_model_weights
 from cm.run_setup import loop_kwargs, per_process_batch, start_run, training_data
 from cm.script_util import (
@@ -24,7 +25,7 @@ from cm.train_util import CMTrainLoop
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
+    args = parse_args_with_config(create_argparser(), argv, "cm_train.py")
     config = start_run(args)
 
     ema_scale_fn = create_ema_and_scales_fn(

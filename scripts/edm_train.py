@@ -7,6 +7,7 @@ published script, plus --total_training_steps (0: until lr_anneal_steps, or unti
 import argparse
 
 from cm import dist_util, logger
+from cm.config import parse_args_with_config
 from cm.run_setup import loop_kwargs, per_process_batch, start_run, training_data
 from cm.script_util import (
     add_dict_to_argparser,
@@ -20,7 +21,7 @@ from cm.train_util import TrainLoop
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
+    args = parse_args_with_config(create_argparser(), argv, "edm_train.py")
     config = start_run(args)
     logger.log("creating model and diffusion...")
     model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))

@@ -2,125 +2,47 @@
 arr_1 labels when class-conditional), plus a PNG grid of the first 64.
 
 Takes every flag of the published script. Without --model_path the model is randomly initialised
-(a smoke test of the pipeline, not real samples).
+(a smoke test of the pipeline, not real samples). A killed run, started again with the same flags
+and --log_dir, continues from its last finished round; the result equals an uninterrupted run's.
 """
 
 import argparse
-import math
 import os
-import time
-
-import numpy as np
-import torch
-from tqdm.auto import tqdm
 
 from cm import dist_util, logger
-from cm.checkpoints import load_model_weights
-from cm.image_io import save_grid, save_npz, to_uint8_nhwc
-from cm.karras_diffusion import karras_sample
-from cm.random_util import get_generator
-from cm.script_util import add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
+from cm.config import parse_args_with_config
+from cm.image_io import save_grid, save_npz
+from cm.sample_util import (
+    SAMPLE_SETTINGS,
+    check_sampling_args,
+    finish_shards,
+    generate_samples,
+    load_sampling_model,
+    sample_kwargs,
+)
+from cm.script_util import add_dict_to_argparser, model_and_diffusion_defaults, run_cli
 
-
-def parse_int_list(text, flag):
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise SystemExit(f"error: --{flag} must be comma-separated integers, got {text!r}")
-
-
-def main():
-    args = create_argparser().parse_args()
+def main(argv=None):
+    args = parse_args_with_config(create_argparser(), argv, "image_sample.py")
+    ts, class_labels = check_sampling_args(args)
     dist_util.setup_dist(device=args.device or None)
     logger.configure(args.log_dir or None)
-    device = dist_util.dev()
-    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    model, diffusion = load_sampling_model(args)
 
-    ts = parse_int_list(args.ts, "ts") if args.sampler == "multistep" else None
-    if args.sampler == "multistep" and len(ts) < 2:
-        raise SystemExit("error: --sampler multistep needs --ts, e.g. --ts 0,22,39 with --steps 40")
-    class_labels = parse_int_list(args.class_labels, "class_labels") if args.class_labels else ()
-    if class_labels and not args.class_cond:
-        raise SystemExit("error: --class_labels needs a class-conditional model (--class_cond True)")
-    if any(not 0 <= c < args.num_classes for c in class_labels):
-        raise SystemExit(f"error: --class_labels must lie in 0..{args.num_classes - 1}")
-
-    # every consistency model uses the boundary-condition scalings; EDM models do not
-    distillation = "consistency" in args.training_mode
-    model, diffusion = create_model_and_diffusion(
-        **args_to_dict(args, model_and_diffusion_defaults().keys()), distillation=distillation
+    shard_dir = os.path.join(logger.get_dir(), "samples_partial")
+    images, labels = generate_samples(
+        diffusion, model, num_samples=args.num_samples, batch_size=args.batch_size, image_size=args.image_size,
+        sampler=args.sampler, steps=args.steps, ts=ts, generator=args.generator, seed=args.seed,
+        class_cond=args.class_cond, num_classes=args.num_classes, class_labels=class_labels, shard_dir=shard_dir,
+        settings={k: str(getattr(args, k)) for k in SAMPLE_SETTINGS}, **sample_kwargs(args),
     )
-    if args.model_path:
-        logger.log(f"loading {args.model_path}")
-        load_model_weights(model, args.model_path)
-    else:
-        logger.log("no --model_path: sampling from a randomly initialised model (pipeline smoke test)")
-    model.to(device)
-    if args.use_fp16:
-        model.convert_to_fp16()
-    elif args.use_bf16:
-        model.convert_to_bf16()
-    model.eval()
-
-    generator = get_generator(args.generator, args.num_samples, args.seed)
-    shape_hw = (3, args.image_size, args.image_size)
-    images, labels = [], []
-    done = 0
-    bar = tqdm(total=args.num_samples, desc="sampling", unit="img", disable=rank != 0)
-    start = time.time()
-    while done < args.num_samples:
-        # the last round takes only what is left, so no sample index is drawn twice
-        per_rank = min(args.batch_size, math.ceil((args.num_samples - done) / world))
-        generator.set_done_samples(done)
-        model_kwargs = {}
-        if args.class_cond:
-            if class_labels:
-                idx = torch.arange(done + rank, done + world * per_rank, world)
-                classes = torch.tensor(class_labels)[idx % len(class_labels)].to(device)
-            else:
-                classes = generator.randint(0, args.num_classes, (per_rank,), device=device)
-            model_kwargs["y"] = classes
-        sample = karras_sample(
-            diffusion,
-            model,
-            (per_rank, *shape_hw),
-            steps=args.steps,
-            model_kwargs=model_kwargs,
-            device=device,
-            clip_denoised=args.clip_denoised,
-            sampler=args.sampler,
-            sigma_min=args.sigma_min,
-            sigma_max=args.sigma_max,
-            s_churn=args.s_churn,
-            s_tmin=args.s_tmin,
-            s_tmax=args.s_tmax,
-            s_noise=args.s_noise,
-            generator=generator,
-            ts=ts,
-        )
-        # row j of rank r is global sample done + r + j * world: interleave the ranks back into order
-        images.append(_in_global_order(dist_util.all_gather(torch.from_numpy(to_uint8_nhwc(sample)).to(device))))
-        if args.class_cond:
-            labels.append(_in_global_order(dist_util.all_gather(model_kwargs["y"])))
-        done += per_rank * world
-        bar.update(min(per_rank * world, args.num_samples - bar.n))
-        bar.set_postfix(img_per_s=f"{bar.n / (time.time() - start):.2f}")
-    bar.close()
-
-    if rank == 0:
-        arr = np.concatenate(images)[: args.num_samples]
-        out = [arr] + ([np.concatenate(labels)[: args.num_samples]] if args.class_cond else [])
-        path = os.path.join(logger.get_dir(), f"samples_{'x'.join(str(s) for s in arr.shape)}.npz")
-        save_npz(path, *out)
-        save_grid(arr[:64], os.path.join(logger.get_dir(), "samples_grid.png"))
+    if dist_util.get_rank() == 0:
+        path = os.path.join(logger.get_dir(), f"samples_{'x'.join(str(s) for s in images.shape)}.npz")
+        save_npz(path, *([images] + ([labels] if args.class_cond else [])))
+        save_grid(images[:64], os.path.join(logger.get_dir(), "samples_grid.png"))
+        finish_shards(shard_dir)
         logger.log(f"saved {path} and samples_grid.png")
     dist_util.barrier()
-
-
-def _in_global_order(gathered):
-    """[world x batch x ...] rank-major gathers -> batch-major rows (global sample order), numpy."""
-    stacked = torch.stack([g.cpu() for g in gathered])
-    return stacked.transpose(0, 1).reshape(-1, *stacked.shape[2:]).numpy()
 
 
 def create_argparser():
@@ -150,4 +72,4 @@ def create_argparser():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -117,3 +117,38 @@ def test_mismatched_and_truncated_checkpoints(tmp_path):
     atomic_save(small.state_dict(), path)
     load_model_weights(other := create_model_and_diffusion(**tiny_config())[0], path)
     assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), small.state_dict().values()))
+
+
+def test_image_sample_same_batch_for_batch_sizes_1_4_7(tmp_path):
+    results = [_sample(tmp_path, f"b{b}", ["--batch_size", str(b)])[0] for b in (1, 4, 7)]
+    for other in results[1:]:
+        assert np.array_equal(other["arr_0"], results[0]["arr_0"]) and np.array_equal(other["arr_1"], results[0]["arr_1"])
+
+
+class Crash(Exception):
+    pass
+
+
+def test_interrupted_sampling_resumes_to_the_same_batch(tmp_path, tiny_model_and_diffusion):
+    from cm.sample_util import generate_samples
+
+    model, diffusion = tiny_model_and_diffusion
+    common = dict(num_samples=11, image_size=16, sampler="multistep", steps=6, ts=(0, 3, 5), class_cond=True,
+                  num_classes=10, settings={"run": "a"}, progress=False)
+    whole, whole_labels = generate_samples(diffusion, model, batch_size=3, shard_dir=str(tmp_path / "w"), **common)
+    calls = []
+
+    def crash_in_third_round(info):
+        calls.append(info["i"])
+        if len(calls) == 2 * 2 + 1:  # two rounds of two multistep evaluations each, then one more
+            raise Crash
+
+    shards = tmp_path / "k"
+    with pytest.raises(Crash):
+        generate_samples(diffusion, model, batch_size=3, shard_dir=str(shards), callback=crash_in_third_round, **common)
+    assert sorted(os.listdir(shards)) == ["settings.json", "shard_000000000_000000003.npz", "shard_000000003_000000003.npz"]
+    # resume with another batch size: the remaining samples do not depend on it
+    images, labels = generate_samples(diffusion, model, batch_size=5, shard_dir=str(shards), **common)
+    assert np.array_equal(images, whole) and np.array_equal(labels, whole_labels)
+    with pytest.raises(ValueError, match="other settings"):
+        generate_samples(diffusion, model, batch_size=3, shard_dir=str(shards), **dict(common, settings={"run": "b"}))

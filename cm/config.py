@@ -1,0 +1,47 @@
+"""Named presets (configs/NAME.json) for the scripts: `--config NAME` supplies flag values, and any
+flag given on the command line overrides them.
+
+A preset file: {"script": "cm_train.py", "description": "...", "flags": {"flag": value, ...}}.
+"""
+
+import json
+import os
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def preset_names():
+    if not os.path.isdir(CONFIG_DIR):
+        return []
+    return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".json"))
+
+
+def load_preset(name):
+    """The preset called `name` in configs/ (or the .json file at that path)."""
+    path = name if name.endswith(".json") else os.path.join(CONFIG_DIR, f"{name}.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
+    with open(path) as f:
+        try:
+            preset = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"preset {path} is not valid JSON: {err}") from err
+    if not isinstance(preset.get("flags"), dict):
+        raise ValueError(f"preset {path} has no \"flags\" object")
+    return preset
+
+
+def parse_args_with_config(parser, argv, script):
+    """Parse `argv` with `parser`, its defaults first replaced by the --config preset's flags."""
+    parser.add_argument("--config", default="", help="preset name in configs/ (any other flag overrides it)")
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        preset = load_preset(known.config)
+        if preset.get("script", script) != script:
+            raise ValueError(f"preset {known.config!r} is for scripts/{preset['script']}, not scripts/{script}")
+        dests = {a.dest for a in parser._actions}
+        unknown = sorted(set(preset["flags"]) - dests)
+        if unknown:
+            raise ValueError(f"preset {known.config!r} sets flags scripts/{script} does not have: {', '.join(unknown)}")
+        parser.set_defaults(**preset["flags"])
+    return parser.parse_args(argv)

@@ -1,0 +1,197 @@
+"""Drawing large sample batches: rounds over all processes, samples in global order, resumable shards.
+
+Sample i is the same whatever the batch size and number of processes: round r covers global
+samples [done, done + world * b), row j of rank k is global sample done + k + j * world, and the
+generator is moved to `done` before each round (cm.random_util). After each round rank 0 writes
+the round's images as a shard file; a killed run started again with the same settings continues
+after its last complete shard, and the final batch equals an uninterrupted run's.
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import dist_util, logger
+from .atomic import atomic_write_text
+from .checkpoints import load_model_weights
+from .image_io import save_npz, to_uint8_nhwc
+from .random_util import get_generator
+from .samplers import karras_sample
+from .script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
+
+# the flags that decide what the samples are (a resumed run must agree on them)
+SAMPLE_SETTINGS = (
+    "training_mode", "generator", "clip_denoised", "num_samples", "sampler", "s_churn", "s_tmin", "s_tmax",
+    "s_noise", "steps", "model_path", "seed", "ts", "class_labels", "sigma_min", "sigma_max",
+)
+
+
+def parse_int_list(text, flag):
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--{flag} must be comma-separated integers, got {text!r}") from None
+
+
+def check_sampling_args(args):
+    """The flag combinations that cannot work, as one-line errors; returns (ts, class_labels)."""
+    ts = parse_int_list(args.ts, "ts") if args.sampler == "multistep" else None
+    if args.sampler == "multistep" and len(ts) < 2:
+        raise ValueError("--sampler multistep needs --ts, e.g. --ts 0,22,39 with --steps 40")
+    class_labels = parse_int_list(args.class_labels, "class_labels") if args.class_labels else ()
+    if class_labels and not args.class_cond:
+        raise ValueError("--class_labels needs a class-conditional model (--class_cond True)")
+    if any(not 0 <= c < args.num_classes for c in class_labels):
+        raise ValueError(f"--class_labels must lie in 0..{args.num_classes - 1}")
+    if args.num_samples < 1 or args.batch_size < 1:
+        raise ValueError("--num_samples and --batch_size must be at least 1")
+    return ts, class_labels
+
+
+def load_sampling_model(args):
+    """The model and its denoiser from the flags, weights loaded, on this rank's device, in eval mode."""
+    # every consistency model uses the boundary-condition scalings; EDM models do not
+    distillation = "consistency" in args.training_mode
+    model, diffusion = create_model_and_diffusion(
+        **args_to_dict(args, model_and_diffusion_defaults().keys()), distillation=distillation
+    )
+    if args.model_path:
+        logger.log(f"loading {args.model_path}")
+        load_model_weights(model, args.model_path)
+    else:
+        logger.log("no --model_path: sampling from a randomly initialised model (pipeline smoke test)")
+    model.to(dist_util.dev())
+    if args.use_fp16:
+        model.convert_to_fp16()
+    elif args.use_bf16:
+        model.convert_to_bf16()
+    return model.eval(), diffusion
+
+
+def sample_kwargs(args):
+    """karras_sample's settings from the flags."""
+    return dict(
+        clip_denoised=args.clip_denoised, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
+        s_churn=args.s_churn, s_tmin=args.s_tmin, s_tmax=args.s_tmax, s_noise=args.s_noise,
+    )
+
+
+SHARD = re.compile(r"^shard_(\d{9})_(\d{9})\.npz$")
+
+
+def round_sizes(num_samples, batch_size, world_size, done=0):
+    """Per-process batch of each round from `done` on; the last round takes only what is left."""
+    while done < num_samples:
+        per_rank = min(batch_size, math.ceil((num_samples - done) / world_size))
+        yield done, per_rank
+        done += per_rank * world_size
+
+
+def in_global_order(gathered):
+    """[world x batch x ...] rank-major gathers -> batch-major rows (global sample order), numpy."""
+    stacked = torch.stack([g.cpu() for g in gathered])
+    return stacked.transpose(0, 1).reshape(-1, *stacked.shape[2:]).numpy()
+
+
+def read_shards(shard_dir, settings):
+    """(images, labels) of the contiguous shards from sample 0 in `shard_dir`, made with `settings`;
+    a folder made with other settings is an error (its samples would not belong to this batch)."""
+    settings_path = os.path.join(shard_dir, "settings.json")
+    if os.path.exists(settings_path):
+        with open(settings_path) as f:
+            if json.load(f) != settings:
+                raise ValueError(
+                    f"{shard_dir} holds partial samples made with other settings; delete it or use another --log_dir"
+                )
+    images, labels, done = [], [], 0
+    names = sorted(n for n in os.listdir(shard_dir) if SHARD.match(n)) if os.path.isdir(shard_dir) else []
+    for name in names:
+        start, count = map(int, SHARD.match(name).groups())
+        if start != done:
+            break
+        with np.load(os.path.join(shard_dir, name)) as data:
+            images.append(data["arr_0"])
+            labels.append(data["arr_1"] if "arr_1" in data else None)
+        done += count
+    return images, labels, done
+
+
+def generate_samples(
+    diffusion,
+    model,
+    *,
+    num_samples,
+    batch_size,
+    image_size,
+    sampler="heun",
+    steps=40,
+    ts=None,
+    generator="determ",
+    seed=42,
+    class_cond=False,
+    num_classes=1000,
+    class_labels=(),
+    shard_dir=None,
+    settings=None,
+    progress=True,
+    **sample_kwargs,
+):
+    """Draw `num_samples` images (uint8 NHWC) and their labels (or None) from all processes, returned
+    on rank 0 (None elsewhere). Labels: `class_labels` cycled over the samples, else uniform over
+    num_classes from the generator. With `shard_dir`, each round is kept there and a rerun resumes.
+    `sample_kwargs` go to karras_sample (clip_denoised, sigma_min, sigma_max, s_churn, ...)."""
+    device = dist_util.dev()
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    images, labels, done = [], [], 0
+    if shard_dir is not None and rank == 0:
+        images, labels, done = read_shards(shard_dir, settings)
+        os.makedirs(shard_dir, exist_ok=True)
+        atomic_write_text(os.path.join(shard_dir, "settings.json"), json.dumps(settings, sort_keys=True))
+        if done:
+            logger.log(f"resuming after {done} samples in {shard_dir}")
+    done = int(dist_util.broadcast_from_rank0(torch.tensor(done, device=device)).item())
+
+    gen = get_generator(generator, num_samples, seed)
+    bar = tqdm(total=num_samples, initial=done, desc="sampling", unit="img", disable=not progress or rank != 0)
+    start_time, start_done = time.time(), done
+    for round_start, per_rank in round_sizes(num_samples, batch_size, world, done):
+        gen.set_done_samples(round_start)
+        model_kwargs = {}
+        if class_cond:
+            if class_labels:
+                index = torch.arange(round_start + rank, round_start + world * per_rank, world)
+                model_kwargs["y"] = torch.tensor(class_labels)[index % len(class_labels)].to(device)
+            else:
+                model_kwargs["y"] = gen.randint(0, num_classes, (per_rank,), device=device)
+        sample = karras_sample(
+            diffusion, model, (per_rank, 3, image_size, image_size), steps=steps, model_kwargs=model_kwargs,
+            device=device, sampler=sampler, generator=gen, ts=ts, **sample_kwargs,
+        )
+        round_images = in_global_order(dist_util.all_gather(torch.from_numpy(to_uint8_nhwc(sample)).to(device)))
+        round_labels = in_global_order(dist_util.all_gather(model_kwargs["y"])) if class_cond else None
+        count = min(per_rank * world, num_samples - round_start)
+        if rank == 0:
+            images.append(round_images[:count])
+            labels.append(None if round_labels is None else round_labels[:count])
+            if shard_dir is not None:
+                arrays = [images[-1]] + ([labels[-1]] if class_cond else [])
+                save_npz(os.path.join(shard_dir, f"shard_{round_start:09d}_{count:09d}.npz"), *arrays)
+        bar.update(count)
+        bar.set_postfix(img_per_s=f"{(bar.n - start_done) / max(time.time() - start_time, 1e-9):.2f}")
+    bar.close()
+    if rank != 0:
+        return None, None
+    return np.concatenate(images), (np.concatenate(labels) if class_cond else None)
+
+
+def finish_shards(shard_dir):
+    """Remove the shard folder once the final batch is written."""
+    if shard_dir is not None and os.path.isdir(shard_dir):
+        shutil.rmtree(shard_dir)

@@ -1,0 +1,340 @@
+"""Zero-shot image editing with a consistency model (CM paper, Section 6 and Algorithm 4).
+
+--task inpainting | colorization | superres edits the first --num_images images of --data_dir (an
+image folder, a .npz with arr_0 uint8 NHWC, or "digits"), center-cropped to --image_size as the
+training data are. Each edit is multistep consistency sampling at the grid indices --ts of a
+--steps-point Karras grid, the known part of the image (pixels outside --mask, the luminance, the
+means of --patch_size patches) put back after every step. --task interpolation ignores --data_dir:
+each of --num_images rows walks the spherical path between two seeded noises in --interp_points
+steps (CM paper, Figure 6).
+
+Writes, in the run folder, edit_<task>.png (per image: input, degraded input, result; for
+interpolation one row per noise pair) and edit_<task>.npz: arr_0 results, arr_1 degraded inputs,
+arr_2 inputs (uint8 NHWC), arr_3 labels when class-conditional; for interpolation arr_0 the
+num_images x interp_points images row by row, arr_1 their labels when class-conditional.
+Noise comes from per-sample generators: the results do not depend on --batch_size or the number
+of processes. Without --model_path the model is randomly initialised (a smoke test of the
+pipeline, not real edits).
+
+--ts default: the published code gives none for editing (its launch.sh only has two-step sampling
+indices, e.g. 0,17,39 for the CD LSUN Bedroom model its paper edits with). Algorithm 4 re-imposes the
+known part once per step, so editing takes 4 steps at evenly spaced grid indices (0,10,20,29,39 for
+--steps 40), ending at the last index so no noise is left; interpolation takes one step (0,steps-1),
+as in the paper's interpolation figure.
+"""
+
+import argparse
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cm import dist_util, logger
+from cm.checkpoints import load_model_weights
+from cm.editing import (
+    BUILTIN_MASKS,
+    builtin_mask,
+    interpolation,
+    iterative_colorization,
+    iterative_inpainting,
+    iterative_superres,
+    load_mask,
+)
+from cm.image_datasets import UnreadableImage, collate, open_dataset
+from cm.image_io import save_grid, save_npz, to_uint8_nhwc
+from cm.random_util import get_generator
+from cm.script_util import (
+    add_dict_to_argparser,
+    args_to_dict,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    run_cli,
+)
+
+TASKS = ("inpainting", "colorization", "superres", "interpolation")
+EDIT_STEPS = 4  # model evaluations of the default editing --ts
+GRID_MAX = 64  # images (or interpolation rows) shown in the PNG grid
+
+
+def parse_int_list(text, flag):
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--{flag} must be comma-separated integers, got {text!r}") from None
+
+
+def default_ts(task, steps):
+    """Grid indices used when --ts is empty (see the module docstring)."""
+    if task == "interpolation":
+        return (0, steps - 1)
+    return tuple(sorted({round(k * (steps - 1) / EDIT_STEPS) for k in range(EDIT_STEPS + 1)}))
+
+
+def check_args(args):
+    """Every flag error, before anything is built or written; returns (ts, class_labels)."""
+    if args.task not in TASKS:
+        raise ValueError(f"unknown --task {args.task!r}; choose one of {', '.join(TASKS)}")
+    if args.num_images < 1:
+        raise ValueError(f"--num_images must be at least 1, got {args.num_images}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.steps < 2:
+        raise ValueError(f"--steps must be at least 2, got {args.steps}")
+    ts = parse_int_list(args.ts, "ts") if args.ts else default_ts(args.task, args.steps)
+    if len(ts) < 2:
+        raise ValueError(f"--ts needs at least two grid indices, e.g. 0,{args.steps - 1}; got {args.ts!r}")
+    if any(not 0 <= t <= args.steps - 1 for t in ts):
+        raise ValueError(f"--ts indices must lie in 0..{args.steps - 1} (--steps {args.steps}), got {args.ts}")
+    if args.task == "superres" and (args.patch_size < 1 or args.image_size % args.patch_size):
+        raise ValueError(
+            f"--patch_size {args.patch_size} does not divide --image_size {args.image_size}; "
+            "choose a divisor, e.g. 4 or 8"
+        )
+    if args.task == "interpolation" and args.interp_points < 2:
+        raise ValueError(f"--interp_points must be at least 2, got {args.interp_points}")
+    if args.task != "interpolation" and not args.data_dir:
+        raise ValueError(f"--task {args.task} needs --data_dir: an image folder, a .npz file, or 'digits'")
+    class_labels = parse_int_list(args.class_labels, "class_labels") if args.class_labels else ()
+    if class_labels and not args.class_cond:
+        raise ValueError("--class_labels needs a class-conditional model (--class_cond True)")
+    if any(not 0 <= c < args.num_classes for c in class_labels):
+        raise ValueError(f"--class_labels must lie in 0..{args.num_classes - 1}")
+    return ts, class_labels
+
+
+def read_mask(spec, image_size):
+    """A built-in mask name or a mask image file (white = keep)."""
+    if spec in BUILTIN_MASKS:
+        return builtin_mask(spec, image_size)
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(
+            f"--mask {spec!r} is neither a built-in mask ({', '.join(BUILTIN_MASKS)}) nor a mask image file"
+        )
+    return load_mask(spec, image_size)
+
+
+def read_images(data_dir, image_size, num_images, want_labels):
+    """The first num_images images of data_dir, center-cropped to image_size as the training data are
+    (uint8 NHWC), and their labels (None when the data have none or none are wanted)."""
+    dataset = None
+    if want_labels:
+        try:
+            dataset = open_dataset(data_dir, image_size, class_cond=True, random_flip=False)
+        except ValueError:
+            pass  # no labels in the data (a data error proper is raised again just below)
+    if dataset is None:
+        dataset = open_dataset(data_dir, image_size, class_cond=False, random_flip=False)
+    if len(dataset) == 0:
+        raise ValueError(f"no images in {data_dir}; point --data_dir at a folder or .npz that holds some")
+    if len(dataset) < num_images:
+        logger.log(f"warning: {data_dir} has {len(dataset)} images; editing all of them, not {num_images}")
+    items = [dataset[(i, 0)] for i in range(min(num_images, len(dataset)))]
+    for image, _ in items:
+        if isinstance(image, UnreadableImage):
+            raise ValueError(image.message)
+    images = np.stack([image for image, _ in items])
+    labels = None if items[0][1] is None else np.array([label for _, label in items], dtype=np.int64)
+    return images, labels
+
+
+def main():
+    args = create_argparser().parse_args()
+    ts, class_labels = check_args(args)
+    dist_util.setup_dist(device=args.device or None)
+    device = dist_util.dev()
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+
+    # inputs before the run folder: bad data leave nothing behind
+    mask = read_mask(args.mask, args.image_size) if args.task == "inpainting" else None
+    inputs, labels = None, None
+    if args.task != "interpolation":
+        want_labels = args.class_cond and not class_labels
+        inputs, labels = read_images(args.data_dir, args.image_size, args.num_images, want_labels)
+        if labels is not None and labels.max() >= args.num_classes:
+            raise ValueError(
+                f"{args.data_dir} has label {labels.max()} but the model has {args.num_classes} classes; "
+                "pass --class_labels or --num_classes"
+            )
+    num = args.num_images if inputs is None else len(inputs)
+
+    logger.configure(args.log_dir or None)
+    if args.ts == "":
+        logger.log(f"--ts {','.join(map(str, ts))} (default for --task {args.task}, --steps {args.steps})")
+    if ts[-1] != args.steps - 1:
+        logger.log(f"warning: --ts ends before the last grid index {args.steps - 1}; the results keep some noise")
+    model, diffusion = build_model(args)
+
+    # labels: --class_labels (cycled), else the data's, else uniform draws over num_classes
+    if class_labels:
+        labels = np.asarray(class_labels, dtype=np.int64)[np.arange(num) % len(class_labels)]
+    generator = get_generator(args.generator, num, args.seed)
+    if args.task == "interpolation":
+        # the noise of the multistep loop: per image of each row, independent of the rows' batching
+        path_generator = get_generator(args.generator, num * args.interp_points, args.seed + 1, 0, 1)
+
+    shape = (3, args.image_size, args.image_size)
+    results, degraded_all, labels_all = [], [], []
+    done = 0
+    bar = tqdm(total=num, desc=args.task, unit="img" if inputs is not None else "row", disable=rank != 0)
+    start = time.time()
+    while done < num:
+        # the last round takes only what is left; row j of rank r is global sample done + r + j * world
+        per_rank = min(args.batch_size, math.ceil((num - done) / world))
+        generator.set_done_samples(done)
+        idx = torch.clamp(torch.arange(done + rank, done + world * per_rank, world), max=num - 1)
+        if not args.class_cond:
+            y = None
+        elif labels is not None:
+            y = torch.from_numpy(labels[idx.numpy()]).to(device)
+        else:
+            y = generator.randint(0, args.num_classes, (per_rank,), device=device)
+
+        if args.task == "interpolation":
+            z0 = generator.randn(per_rank, *shape, device=device)
+            z1 = generator.randn(per_rank, *shape, device=device)
+            rows = []
+            for j, row in enumerate(idx.tolist()):
+                path_generator.set_done_samples(row * args.interp_points)
+                kwargs = {} if y is None else {"y": y[j : j + 1].repeat(args.interp_points)}
+                rows.append(
+                    interpolation(
+                        make_distiller(model, diffusion, kwargs, args.clip_denoised),
+                        z0[j : j + 1],
+                        z1[j : j + 1],
+                        args.interp_points,
+                        ts=ts,
+                        t_min=args.sigma_min,
+                        t_max=args.sigma_max,
+                        rho=diffusion.rho,
+                        steps=args.steps,
+                        generator=path_generator,
+                    )
+                )
+            out = torch.stack(rows)  # [rows, points, C, H, W]
+            results.append(gather_rows(to_uint8(out), device))
+        else:
+            images, _ = collate([(inputs[i], None) for i in idx.tolist()])
+            x = generator.randn(per_rank, *shape, device=device) * args.sigma_max
+            out, degraded = edit(args, model, diffusion, images.to(device), x, ts, y, generator, mask)
+            results.append(gather_rows(to_uint8(out), device))
+            degraded_all.append(gather_rows(to_uint8(degraded), device))
+        if y is not None:
+            labels_all.append(gather_rows(y, device))
+        done += per_rank * world
+        bar.update(min(per_rank * world, num - bar.n))
+        bar.set_postfix(per_s=f"{bar.n / (time.time() - start):.2f}")
+    bar.close()
+
+    if rank == 0:
+        save_outputs(args, num, inputs, results, degraded_all, labels_all)
+    dist_util.barrier()
+
+
+def build_model(args):
+    # every consistency model uses the boundary-condition scalings; EDM models do not
+    distillation = "consistency" in args.training_mode
+    model, diffusion = create_model_and_diffusion(
+        **args_to_dict(args, model_and_diffusion_defaults().keys()), distillation=distillation
+    )
+    if args.model_path:
+        logger.log(f"loading {args.model_path}")
+        load_model_weights(model, args.model_path)
+    else:
+        logger.log("no --model_path: editing with a randomly initialised model (pipeline smoke test)")
+    model.to(dist_util.dev())
+    if args.use_fp16:
+        model.convert_to_fp16()
+    elif args.use_bf16:
+        model.convert_to_bf16()
+    return model.eval(), diffusion
+
+
+def make_distiller(model, diffusion, model_kwargs, clip_denoised):
+    """The consistency function f(x, sigma) the editing loops call, conditioned on model_kwargs."""
+
+    def distiller(x_t, sigma):
+        _, denoised = diffusion.denoise(model, x_t, sigma, **model_kwargs)
+        return denoised.clamp(-1, 1) if clip_denoised else denoised
+
+    return distiller
+
+
+def edit(args, model, diffusion, images, x, ts, y, generator, mask):
+    """(result, degraded input) of one batch (Algorithm 4)."""
+    distiller = make_distiller(model, diffusion, {} if y is None else {"y": y}, args.clip_denoised)
+    common = dict(
+        ts=ts, t_min=args.sigma_min, t_max=args.sigma_max, rho=diffusion.rho, steps=args.steps, generator=generator
+    )
+    if args.task == "inpainting":
+        return iterative_inpainting(distiller, images, x, mask=mask, **common)
+    if args.task == "colorization":
+        return iterative_colorization(distiller, images, x, **common)
+    return iterative_superres(distiller, images, x, patch_size=args.patch_size, **common)
+
+
+def to_uint8(images):
+    """[-1, 1] images [..., C, H, W] -> uint8 [..., H, W, C] tensor (the published rounding)."""
+    lead = images.shape[:-3]
+    flat = torch.from_numpy(to_uint8_nhwc(images.reshape(-1, *images.shape[-3:])))
+    return flat.reshape(*lead, *flat.shape[1:])
+
+
+def gather_rows(tensor, device):
+    """This rank's rows -> all ranks' rows in global order (numpy)."""
+    gathered = dist_util.all_gather(tensor.to(device))
+    stacked = torch.stack([g.cpu() for g in gathered])
+    return stacked.transpose(0, 1).reshape(-1, *stacked.shape[2:]).numpy()
+
+
+def save_outputs(args, num, inputs, results, degraded_all, labels_all):
+    out_dir = logger.get_dir()
+    name = f"edit_{args.task}"
+    results = np.concatenate(results)[:num]
+    labels = np.concatenate(labels_all)[:num] if labels_all else None
+    if args.task == "interpolation":
+        points = args.interp_points
+        arrays = [results.reshape(-1, *results.shape[2:])]
+        if labels is not None:
+            arrays.append(np.repeat(labels, points))
+        grid, nrow = results[:GRID_MAX].reshape(-1, *results.shape[2:]), points
+    else:
+        degraded = np.concatenate(degraded_all)[:num]
+        arrays = [results, degraded, inputs] + ([labels] if labels is not None else [])
+        # per image: input | degraded input | result
+        grid, nrow = np.stack([inputs, degraded, results], axis=1)[:GRID_MAX].reshape(-1, *results.shape[1:]), 3
+    save_npz(os.path.join(out_dir, f"{name}.npz"), *arrays)
+    save_grid(grid, os.path.join(out_dir, f"{name}.png"), nrow=nrow)
+    logger.log(f"saved {os.path.join(out_dir, name)}.npz and {name}.png")
+
+
+def create_argparser():
+    defaults = dict(
+        task="inpainting",  # inpainting | colorization | superres | interpolation
+        data_dir="",  # image folder, .npz (arr_0 uint8 NHWC), or "digits"; not used by interpolation
+        num_images=8,  # images to edit (interpolation: rows, one pair of noises each)
+        batch_size=16,  # images (interpolation: rows) per process per round
+        mask="letter",  # inpainting: letter | box | half, or a mask image file (white = keep)
+        patch_size=8,  # superres: side of the averaged patches (as published); must divide image_size
+        interp_points=8,  # interpolation: images per row, endpoints included
+        ts="",  # grid indices of the steps; empty: 4 evenly spaced (editing), 0,steps-1 (interpolation)
+        steps=40,  # points of the Karras grid that --ts indexes
+        training_mode="consistency_distillation",  # edm, or a consistency mode (boundary-condition scalings)
+        generator="determ",  # dummy | determ | determ-indiv
+        clip_denoised=True,  # clamp each clean estimate to [-1, 1]
+        model_path="",  # checkpoint; empty: a randomly initialised model
+        seed=42,
+        class_labels="",  # fixed labels, cycled; empty: the data's labels, else uniform over num_classes
+        device="",  # cpu | cuda | cuda:N; empty: this rank's GPU if any, else the CPU
+        log_dir="",  # output folder; empty: $OPENAI_LOGDIR, else runs/<time>
+    )
+    defaults.update(model_and_diffusion_defaults())
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dict_to_argparser(parser, defaults)
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main)
