@@ -136,10 +136,12 @@ def slerp(z0, z1, alpha):
 
 @torch.no_grad()
 def interpolation(
-    distiller, z0, z1, num_points, ts=(0, 39), t_min=0.002, t_max=80.0, rho=7.0, steps=40, generator=None
+    distiller, z0, z1, num_points, ts=None, t_min=0.002, t_max=80.0, rho=7.0, steps=40, generator=None
 ):
     """Samples along the spherical path between two standard-normal noises z0 and z1 ([1, C, H, W] each):
-    returns num_points images, endpoints included (CM paper, Figure 6 interpolation)."""
+    returns num_points images, endpoints included (CM paper, Figure 6 interpolation).
+    `ts` defaults to one step, (0, steps - 1)."""
+    ts = (0, steps - 1) if ts is None else ts
     alphas = torch.linspace(0, 1, num_points, dtype=z0.dtype, device=z0.device)
     path = torch.cat([slerp(z0, z1, a) for a in alphas.tolist()], dim=0)
     return multistep_consistency_loop(distiller, path * t_max, ts, generator, t_min, t_max, rho, steps)

@@ -24,8 +24,11 @@ def save_npz(path, *arrays):
     atomic_write(path, write)
 
 
-def save_grid(images, path, nrow=None, pad=2):
-    """Tile uint8 NHWC images into one PNG, nrow per row (default: a square), `pad` black pixels apart."""
+def save_grid(images, path, nrow=None, pad=2, min_size=64):
+    """Tile uint8 NHWC images into one PNG, nrow per row (default: a square), `pad` black pixels apart;
+    images smaller than `min_size` pixels are enlarged (nearest neighbour) by a whole factor to be seen."""
+    factor = max(1, -(-min_size // max(images.shape[1:3])))
+    images = images.repeat(factor, axis=1).repeat(factor, axis=2)
     n, h, w, c = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)

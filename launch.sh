@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The published experiments by name, and the embedded demo.
+#
+#   bash launch.sh demo                                   # CPU demo on the embedded digits (about 15 minutes)
+#   bash launch.sh list                                   # every preset, with what it runs
+#   bash launch.sh ct_imagenet64 --data_dir /data/imagenet64          # one process
+#   NPROC=8 bash launch.sh ct_imagenet64 --data_dir /data/imagenet64  # mpiexec -n 8
+#   bash launch.sh -n 8 sample_ct_imagenet64_onestep --model_path ct_imagenet64.pt
+#
+# A preset (configs/NAME.json) names its script and flags; flags after NAME override it.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+nproc="${NPROC:-1}"
+if [ "${1:-}" = "-n" ]; then
+  nproc="${2:?-n needs a process count}"
+  shift 2
+fi
+name="${1:-list}"
+shift || true
+
+case "$name" in
+  demo)
+    exec python scripts/demo.py "$@"
+    ;;
+  list|-h|--help)
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+    echo
+    python - <<'PY'
+from cm.config import load_preset, preset_names
+for name in preset_names():
+    preset = load_preset(name)
+    print(f"{name:40s} {preset['script']:18s} {preset.get('description', '')}")
+PY
+    exit 0
+    ;;
+esac
+
+if [ ! -f "configs/$name.json" ]; then
+  echo "error: no preset configs/$name.json; 'bash launch.sh list' shows them" >&2
+  exit 1
+fi
+script=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['script'])" "configs/$name.json")
+if [ "$nproc" -gt 1 ]; then
+  exec mpiexec -n "$nproc" python "scripts/$script" --config "$name" "$@"
+fi
+exec python "scripts/$script" --config "$name" "$@"
