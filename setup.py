@@ -8,13 +8,15 @@ from setuptools import find_packages, setup
 #   blobfile           paths on local disk or cloud buckets, as the published scripts use
 #   mpi4py, mpich      `mpiexec -n K` multi-process runs; the mpich wheel ships the MPI runtime and mpiexec
 #   lpips              the LPIPS distance's linear-layer weights (they ship inside the package)
+#   torch-fidelity     the evaluator's Inception-v3: a port of the TF 2015-12-05 graph with TF1's bilinear resize
 # torch is left open above: on the project's machines pip's constraint file resolves it to the local 2.14.1.
 setup(
     name="consistency-models",
     version="0.1.0",
     description="Consistency models (Song et al., ICML 2023): training, sampling and evaluation in PyTorch",
     packages=find_packages(include=["cm", "cm.*", "evaluations", "evaluations.*"]),
-    package_data={"cm": ["data/*.npz"]},  # the embedded digits set
+    # the embedded digits set; the digits classifier of evaluations/evaluator.py --features digits
+    package_data={"cm": ["data/*.npz"], "evaluations": ["digits_classifier.pt"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",
@@ -27,6 +29,7 @@ setup(
         "mpi4py>=4.0",
         "mpich>=4.3",
         "lpips>=0.1.4",
+        "torch-fidelity>=0.3.0",
     ],
     extras_require={
         "test": ["pytest>=7"],

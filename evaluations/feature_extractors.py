@@ -26,8 +26,9 @@ from cm.checkpoints import state_dict_mismatch
 
 FEATURES = ("inception", "digits", "random")
 
-# The converted TF weights (pytorch-fid's conversion, re-hosted by torch-fidelity under this name). The hex in
-# the name is the file's SHA-256 prefix (torch hub's convention), checked on download.
+# The TF graph's weights as a PyTorch state dict: per torch-fidelity's notes, the checkpoint pytorch-fid's author
+# exported; both projects publish it, under these names with the same hex, the file's SHA-256 prefix (torch hub's
+# convention), checked on download.
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_SHA256_PREFIX = "6726825d"
 INCEPTION_URLS = (
@@ -270,8 +271,8 @@ class InceptionV3Features(FeatureExtractor):
 
 
 class DigitsClassifier(nn.Module):
-    """A small CNN for 16x16 RGB digits (inputs in [-1, 1]): three 3x3 convolutions (16, 32, 32 channels;
-    2x2 max pooling after the second and third), a 128-unit hidden layer, 10 logits."""
+    """A small CNN for 16x16 RGB digits (inputs in [-1, 1]): three 3x3 convolutions with ReLU (16, 32, 32
+    channels; 2x2 max pooling after the first and the third), a 128-unit hidden layer, 10 logits."""
 
     def __init__(self, num_classes=10):
         super().__init__()
@@ -283,7 +284,7 @@ class DigitsClassifier(nn.Module):
 
     def embed(self, x):
         """-> (penultimate features [N, 128], conv3 output after ReLU [N, 32, 8, 8])."""
-        h = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
+        h = F.relu(self.conv2(F.max_pool2d(F.relu(self.conv1(x)), 2)))
         spatial = F.relu(self.conv3(h))
         h = F.max_pool2d(spatial, 2)
         return F.relu(self.fc1(h.flatten(1))), spatial

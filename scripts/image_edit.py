@@ -12,9 +12,10 @@ Writes, in the run folder, edit_<task>.png (per image: input, degraded input, re
 interpolation one row per noise pair) and edit_<task>.npz: arr_0 results, arr_1 degraded inputs,
 arr_2 inputs (uint8 NHWC), arr_3 labels when class-conditional; for interpolation arr_0 the
 num_images x interp_points images row by row, arr_1 their labels when class-conditional.
-Noise comes from per-sample generators: the results do not depend on --batch_size or the number
-of processes. Without --model_path the model is randomly initialised (a smoke test of the
-pipeline, not real edits).
+Any flag may also come from a --config preset made for image_edit.py (configs/NAME.json), as in
+the other scripts. Noise comes from per-sample generators: the results do not depend on
+--batch_size or the number of processes. Without --model_path the model is randomly initialised
+(a smoke test of the pipeline, not real edits).
 
 --ts default: the published code gives none for editing (its launch.sh only has two-step sampling
 indices, e.g. 0,17,39 for the CD LSUN Bedroom model its paper edits with). Algorithm 4 re-imposes the
@@ -24,7 +25,6 @@ as in the paper's interpolation figure.
 """
 
 import argparse
-import math
 import os
 import time
 
@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cm import dist_util, logger
-from cm.checkpoints import load_model_weights
+from cm.config import parse_args_with_config
 from cm.editing import (
     BUILTIN_MASKS,
     builtin_mask,
@@ -46,24 +46,12 @@ from cm.editing import (
 from cm.image_datasets import UnreadableImage, collate, open_dataset
 from cm.image_io import save_grid, save_npz, to_uint8_nhwc
 from cm.random_util import get_generator
-from cm.script_util import (
-    add_dict_to_argparser,
-    args_to_dict,
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-    run_cli,
-)
+from cm.sample_util import in_global_order, load_sampling_model, parse_int_list, round_sizes
+from cm.script_util import add_dict_to_argparser, model_and_diffusion_defaults, run_cli
 
 TASKS = ("inpainting", "colorization", "superres", "interpolation")
 EDIT_STEPS = 4  # model evaluations of the default editing --ts
 GRID_MAX = 64  # images (or interpolation rows) shown in the PNG grid
-
-
-def parse_int_list(text, flag):
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"--{flag} must be comma-separated integers, got {text!r}") from None
 
 
 def default_ts(task, steps):
@@ -129,8 +117,6 @@ def read_images(data_dir, image_size, num_images, want_labels):
         dataset = open_dataset(data_dir, image_size, class_cond=False, random_flip=False)
     if len(dataset) == 0:
         raise ValueError(f"no images in {data_dir}; point --data_dir at a folder or .npz that holds some")
-    if len(dataset) < num_images:
-        logger.log(f"warning: {data_dir} has {len(dataset)} images; editing all of them, not {num_images}")
     items = [dataset[(i, 0)] for i in range(min(num_images, len(dataset)))]
     for image, _ in items:
         if isinstance(image, UnreadableImage):
@@ -140,14 +126,10 @@ def read_images(data_dir, image_size, num_images, want_labels):
     return images, labels
 
 
-def main():
-    args = create_argparser().parse_args()
+def main(argv=None):
+    args = parse_args_with_config(create_argparser(), argv, "image_edit.py")
     ts, class_labels = check_args(args)
-    dist_util.setup_dist(device=args.device or None)
-    device = dist_util.dev()
-    rank, world = dist_util.get_rank(), dist_util.get_world_size()
-
-    # inputs before the run folder: bad data leave nothing behind
+    # inputs before the process group and the run folder: bad data leave nothing behind
     mask = read_mask(args.mask, args.image_size) if args.task == "inpainting" else None
     inputs, labels = None, None
     if args.task != "interpolation":
@@ -160,12 +142,17 @@ def main():
             )
     num = args.num_images if inputs is None else len(inputs)
 
+    dist_util.setup_dist(device=args.device or None)
+    device = dist_util.dev()
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
     logger.configure(args.log_dir or None)
+    if num < args.num_images:
+        logger.log(f"warning: {args.data_dir} has {num} images; editing all of them, not {args.num_images}")
     if args.ts == "":
         logger.log(f"--ts {','.join(map(str, ts))} (default for --task {args.task}, --steps {args.steps})")
     if ts[-1] != args.steps - 1:
         logger.log(f"warning: --ts ends before the last grid index {args.steps - 1}; the results keep some noise")
-    model, diffusion = build_model(args)
+    model, diffusion = load_sampling_model(args)
 
     # labels: --class_labels (cycled), else the data's, else uniform draws over num_classes
     if class_labels:
@@ -177,12 +164,10 @@ def main():
 
     shape = (3, args.image_size, args.image_size)
     results, degraded_all, labels_all = [], [], []
-    done = 0
     bar = tqdm(total=num, desc=args.task, unit="img" if inputs is not None else "row", disable=rank != 0)
     start = time.time()
-    while done < num:
-        # the last round takes only what is left; row j of rank r is global sample done + r + j * world
-        per_rank = min(args.batch_size, math.ceil((num - done) / world))
+    # rounds over all processes: row j of rank r is global image done + r + j * world
+    for done, per_rank in round_sizes(num, args.batch_size, world):
         generator.set_done_samples(done)
         idx = torch.clamp(torch.arange(done + rank, done + world * per_rank, world), max=num - 1)
         if not args.class_cond:
@@ -195,25 +180,7 @@ def main():
         if args.task == "interpolation":
             z0 = generator.randn(per_rank, *shape, device=device)
             z1 = generator.randn(per_rank, *shape, device=device)
-            rows = []
-            for j, row in enumerate(idx.tolist()):
-                path_generator.set_done_samples(row * args.interp_points)
-                kwargs = {} if y is None else {"y": y[j : j + 1].repeat(args.interp_points)}
-                rows.append(
-                    interpolation(
-                        make_distiller(model, diffusion, kwargs, args.clip_denoised),
-                        z0[j : j + 1],
-                        z1[j : j + 1],
-                        args.interp_points,
-                        ts=ts,
-                        t_min=args.sigma_min,
-                        t_max=args.sigma_max,
-                        rho=diffusion.rho,
-                        steps=args.steps,
-                        generator=path_generator,
-                    )
-                )
-            out = torch.stack(rows)  # [rows, points, C, H, W]
+            out = interpolate_rows(args, model, diffusion, z0, z1, idx.tolist(), ts, y, path_generator)
             results.append(gather_rows(to_uint8(out), device))
         else:
             images, _ = collate([(inputs[i], None) for i in idx.tolist()])
@@ -223,7 +190,6 @@ def main():
             degraded_all.append(gather_rows(to_uint8(degraded), device))
         if y is not None:
             labels_all.append(gather_rows(y, device))
-        done += per_rank * world
         bar.update(min(per_rank * world, num - bar.n))
         bar.set_postfix(per_s=f"{bar.n / (time.time() - start):.2f}")
     bar.close()
@@ -231,25 +197,6 @@ def main():
     if rank == 0:
         save_outputs(args, num, inputs, results, degraded_all, labels_all)
     dist_util.barrier()
-
-
-def build_model(args):
-    # every consistency model uses the boundary-condition scalings; EDM models do not
-    distillation = "consistency" in args.training_mode
-    model, diffusion = create_model_and_diffusion(
-        **args_to_dict(args, model_and_diffusion_defaults().keys()), distillation=distillation
-    )
-    if args.model_path:
-        logger.log(f"loading {args.model_path}")
-        load_model_weights(model, args.model_path)
-    else:
-        logger.log("no --model_path: editing with a randomly initialised model (pipeline smoke test)")
-    model.to(dist_util.dev())
-    if args.use_fp16:
-        model.convert_to_fp16()
-    elif args.use_bf16:
-        model.convert_to_bf16()
-    return model.eval(), diffusion
 
 
 def make_distiller(model, diffusion, model_kwargs, clip_denoised):
@@ -275,6 +222,29 @@ def edit(args, model, diffusion, images, x, ts, y, generator, mask):
     return iterative_superres(distiller, images, x, patch_size=args.patch_size, **common)
 
 
+def interpolate_rows(args, model, diffusion, z0, z1, rows, ts, y, path_generator):
+    """[rows, interp_points, C, H, W]: row j walks from noise z0[j] to z1[j] (label y[j])."""
+    out = []
+    for j, row in enumerate(rows):
+        path_generator.set_done_samples(row * args.interp_points)
+        kwargs = {} if y is None else {"y": y[j : j + 1].repeat(args.interp_points)}
+        out.append(
+            interpolation(
+                make_distiller(model, diffusion, kwargs, args.clip_denoised),
+                z0[j : j + 1],
+                z1[j : j + 1],
+                args.interp_points,
+                ts=ts,
+                t_min=args.sigma_min,
+                t_max=args.sigma_max,
+                rho=diffusion.rho,
+                steps=args.steps,
+                generator=path_generator,
+            )
+        )
+    return torch.stack(out)
+
+
 def to_uint8(images):
     """[-1, 1] images [..., C, H, W] -> uint8 [..., H, W, C] tensor (the published rounding)."""
     lead = images.shape[:-3]
@@ -284,9 +254,7 @@ def to_uint8(images):
 
 def gather_rows(tensor, device):
     """This rank's rows -> all ranks' rows in global order (numpy)."""
-    gathered = dist_util.all_gather(tensor.to(device))
-    stacked = torch.stack([g.cpu() for g in gathered])
-    return stacked.transpose(0, 1).reshape(-1, *stacked.shape[2:]).numpy()
+    return in_global_order(dist_util.all_gather(tensor.to(device)))
 
 
 def save_outputs(args, num, inputs, results, degraded_all, labels_all):

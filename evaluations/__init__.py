@@ -1,0 +1,1 @@
+"""Sample-quality evaluation: evaluator.py (Inception Score, FID, sFID, precision, recall) and its feature networks."""
