@@ -39,7 +39,8 @@ def main(argv=None):
     if dist_util.get_rank() == 0:
         path = os.path.join(logger.get_dir(), f"samples_{'x'.join(str(s) for s in images.shape)}.npz")
         save_npz(path, *([images] + ([labels] if args.class_cond else [])))
-        save_grid(images[:64], os.path.join(logger.get_dir(), "samples_grid.png"))
+        # with fixed labels, one column per label
+        save_grid(images[:64], os.path.join(logger.get_dir(), "samples_grid.png"), nrow=len(class_labels) or None)
         finish_shards(shard_dir)
         logger.log(f"saved {path} and samples_grid.png")
     dist_util.barrier()

@@ -38,6 +38,7 @@ def mid_range_images(n):
 
 
 def grid_size(rows, cols, side=16, pad=2):
+    side *= -(-64 // side)  # save_grid enlarges images under 64 pixels by a whole factor
     return cols * (side + pad) + pad, rows * (side + pad) + pad  # PIL's (width, height)
 
 
