@@ -47,3 +47,35 @@ def load_model_weights(model, path):
         )
     model.load_state_dict(state_dict, strict=True)
     return model
+
+
+def weights_file(what, given, flag, file_names, urls, hash_prefix=None):
+    """The path of a pretrained weight file: `given` (the value of `flag`) if set, else the first of
+    `file_names` in the torch hub cache ($TORCH_HOME/hub/checkpoints), else downloaded there from the
+    first reachable of `urls` (its SHA-256 prefix checked when given). Offline with none of them: one
+    FileNotFoundError naming the file, the folder to put it in, where to get it, and the flag."""
+    import os
+
+    if given:
+        if not os.path.isfile(given):
+            raise FileNotFoundError(f"{what} weights not found at {given} ({flag}); it should be {file_names[0]}, from {urls[0]}")
+        return given
+    cache_dir = os.path.join(torch.hub.get_dir(), "checkpoints")
+    for name in file_names:
+        if os.path.isfile(os.path.join(cache_dir, name)):
+            return os.path.join(cache_dir, name)
+    path = os.path.join(cache_dir, file_names[0])
+    failures = []
+    for url in urls:
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            # torch hub writes a temporary file and renames it only once the hash matches
+            torch.hub.download_url_to_file(url, path, hash_prefix=hash_prefix, progress=True)
+            return path
+        except (OSError, RuntimeError) as err:  # URLError is an OSError; a hash mismatch a RuntimeError
+            failures.append(f"{url}: {err}")
+    raise FileNotFoundError(
+        f"{what} needs the weights {file_names[0]}, which are not in {cache_dir} and could not be downloaded "
+        f"({'; '.join(failures)}); on a connected machine fetch {urls[0]} and put it in {cache_dir} "
+        f"(the torch hub cache, under $TORCH_HOME), or pass its path with {flag}"
+    )

@@ -31,13 +31,14 @@ def load_preset(name):
     return preset
 
 
-def parse_args_with_config(parser, argv, script):
-    """Parse `argv` with `parser`, its defaults first replaced by the --config preset's flags."""
+def parse_args_with_config(parser, argv, script, also=()):
+    """Parse `argv` with `parser`, its defaults first replaced by the --config preset's flags; the
+    preset must be made for `script` or one of the scripts in `also` (whose flags it shares)."""
     parser.add_argument("--config", default="", help="preset name in configs/ (any other flag overrides it)")
     known, _ = parser.parse_known_args(argv)
     if known.config:
         preset = load_preset(known.config)
-        if preset.get("script", script) != script:
+        if preset.get("script", script) not in (script, *also):
             raise ValueError(f"preset {known.config!r} is for scripts/{preset['script']}, not scripts/{script}")
         dests = {a.dest for a in parser._actions}
         unknown = sorted(set(preset["flags"]) - dests)

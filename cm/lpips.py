@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from .checkpoints import state_dict_mismatch
+from .checkpoints import state_dict_mismatch, weights_file
 
 VGG16_URL = torchvision.models.VGG16_Weights.IMAGENET1K_V1.url
 VGG16_FILE = os.path.basename(VGG16_URL)  # vgg16-397923af.pth
@@ -41,26 +41,7 @@ def lpips_linear_weights():
 def vgg16_weights_path(vgg_weights=None):
     """The ImageNet VGG-16 checkpoint: `vgg_weights` if given, else torch hub's cached copy,
     downloaded there first if missing; offline, one error saying where to put the file."""
-    if vgg_weights is not None:
-        if not os.path.isfile(vgg_weights):
-            raise FileNotFoundError(
-                f"LPIPS VGG-16 weights not found at {vgg_weights} (--lpips_vgg_path); "
-                f"it should be torchvision's {VGG16_FILE}, from {VGG16_URL}"
-            )
-        return vgg_weights
-    cache_dir = os.path.join(torch.hub.get_dir(), "checkpoints")
-    path = os.path.join(cache_dir, VGG16_FILE)
-    if not os.path.isfile(path):
-        try:
-            os.makedirs(cache_dir, exist_ok=True)
-            torch.hub.download_url_to_file(VGG16_URL, path, progress=False)
-        except OSError as err:
-            raise FileNotFoundError(
-                f"LPIPS needs the ImageNet VGG-16 weights {VGG16_FILE}, which are not in {cache_dir} "
-                f"and could not be downloaded ({err}); on a connected machine fetch {VGG16_URL} and put it "
-                f"in {cache_dir} (the torch hub cache, under $TORCH_HOME), or pass its path with --lpips_vgg_path"
-            ) from err
-    return path
+    return weights_file("LPIPS", vgg_weights, "--lpips_vgg_path", (VGG16_FILE,), (VGG16_URL,))
 
 
 def load_vgg16_features(features, path):

@@ -7,6 +7,7 @@ the round's images as a shard file; a killed run started again with the same set
 after its last complete shard, and the final batch equals an uninterrupted run's.
 """
 
+import argparse
 import json
 import math
 import os
@@ -24,7 +25,36 @@ from .checkpoints import load_model_weights
 from .image_io import save_npz, to_uint8_nhwc
 from .random_util import get_generator
 from .samplers import karras_sample
-from .script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
+from .script_util import add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
+
+def sampling_argparser(description, **script_defaults):
+    """The parser of a sampling script: the published image_sample.py flags, this project's additions,
+    the model's flags, then the script's own (which may override a default)."""
+    defaults = dict(
+        training_mode="edm",  # edm, or a consistency mode (boundary-condition scalings)
+        generator="determ",  # dummy | determ | determ-indiv
+        clip_denoised=True,  # clamp each denoised estimate to [-1, 1]
+        num_samples=10000,  # samples to draw in all
+        batch_size=16,  # samples per process per round
+        sampler="heun",  # heun | euler | dpm | ancestral | onestep | multistep | progdist
+        s_churn=0.0,
+        s_tmin=0.0,
+        s_tmax=float("inf"),
+        s_noise=1.0,
+        steps=40,  # sampler steps (multistep: points of the Karras grid that --ts indexes)
+        model_path="",  # checkpoint; empty: a randomly initialised model
+        seed=42,
+        ts="",  # multistep grid indices, e.g. 0,22,39
+        class_labels="",  # fixed labels, cycled over the samples; empty: uniform over num_classes
+        device="",  # cpu | cuda | cuda:N; empty: this rank's GPU if any, else the CPU
+        log_dir="",  # output folder; empty: $OPENAI_LOGDIR, else runs/<time>
+    )
+    defaults.update(model_and_diffusion_defaults())
+    defaults.update(script_defaults)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dict_to_argparser(parser, defaults)
+    return parser
+
 
 # the flags that decide what the samples are (a resumed run must agree on them)
 SAMPLE_SETTINGS = (

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cm.checkpoints import state_dict_mismatch
+from cm.checkpoints import state_dict_mismatch, weights_file
 
 FEATURES = ("inception", "digits", "random")
 
@@ -109,34 +109,11 @@ class FeatureExtractor(nn.Module):
 
 
 def inception_weights_path(inception_path=None):
-    """The Inception weight file: `inception_path` if given, else the torch hub cache
-    ($TORCH_HOME/hub/checkpoints, under torch-fidelity's or pytorch-fid's name), else downloaded there with
-    its SHA-256 prefix checked; offline with none of them, one FileNotFoundError saying where to put it."""
-    if inception_path is not None:
-        if not os.path.isfile(inception_path):
-            raise FileNotFoundError(
-                f"Inception weights not found at {inception_path} (--inception_path); it should be "
-                f"{INCEPTION_FILE}, from {INCEPTION_URLS[0]}"
-            )
-        return inception_path
-    cache_dir = os.path.join(torch.hub.get_dir(), "checkpoints")
-    for name in INCEPTION_CACHE_NAMES:
-        if os.path.isfile(os.path.join(cache_dir, name)):
-            return os.path.join(cache_dir, name)
-    path = os.path.join(cache_dir, INCEPTION_FILE)
-    failures = []
-    for url in INCEPTION_URLS:
-        try:
-            os.makedirs(cache_dir, exist_ok=True)
-            # writes a temporary file and renames it only once the hash matches
-            torch.hub.download_url_to_file(url, path, hash_prefix=INCEPTION_SHA256_PREFIX, progress=True)
-            return path
-        except (OSError, RuntimeError) as err:  # URLError is an OSError; a hash mismatch a RuntimeError
-            failures.append(f"{url}: {err}")
-    raise FileNotFoundError(
-        f"the Inception weights {INCEPTION_FILE} are not in {cache_dir} and could not be downloaded "
-        f"({'; '.join(failures)}); on a connected machine fetch {INCEPTION_URLS[0]} and put it in {cache_dir} "
-        "(the torch hub cache, under $TORCH_HOME), or pass its path with --inception_path"
+    """The Inception weight file: `inception_path` if given, else the torch hub cache (under torch-fidelity's
+    or pytorch-fid's name), else downloaded there with its SHA-256 prefix checked; offline, one clear error."""
+    return weights_file(
+        "Inception", inception_path, "--inception_path", INCEPTION_CACHE_NAMES, INCEPTION_URLS,
+        INCEPTION_SHA256_PREFIX,
     )
 
 

@@ -30,9 +30,11 @@ from cm.image_io import save_npz  # noqa: E402
 from cm.script_util import run_cli, str2bool  # noqa: E402
 from evaluations.evaluator import evaluate  # noqa: E402
 
-# What the demo aims for (README "The demo"): samples recognisably of the requested class.
-TARGET_CLASS_ACCURACY = 0.80
-TARGET_FID = 5.0
+# What the demo aims for (README "The demo"): one-step samples recognisably of the requested class, and
+# an FID (in the digits classifier's features, 1,000 samples against the 1,797 digits) well below the 100+
+# of the early, blurry models, where real digits score 7 (half against half).
+TARGET_CLASS_ACCURACY = 0.90
+TARGET_FID = 40.0
 
 
 def final_checkpoint(run_dir, rate):
@@ -93,7 +95,12 @@ def main(argv=None):
         num = load_preset(f"demo_sample_{name}")["flags"]["num_samples"]
         results[name] = evaluate(ref_path, os.path.join(out, f"samples_{num}x16x16x3.npz"), features="digits")
     print("[4/4] evaluation with the digits feature extractor", flush=True)
-    results["real digits (reference)"] = evaluate(ref_path, ref_path, features="digits")
+    # what real data score: half of the digits (with their labels) against the other half
+    halves = [os.path.join(args.log_dir, f"digits_half_{k}.npz") for k in (0, 1)]
+    for k, path in enumerate(halves):
+        if not os.path.exists(path):
+            save_npz(path, images[k::2], labels[k::2])
+    results["real digits (half vs half)"] = evaluate(halves[0], halves[1], features="digits")
 
     header = f"{'':26s} {'FID':>8s} {'precision':>10s} {'recall':>8s} {'class acc.':>11s}"
     lines = [header, "-" * len(header)]

@@ -12,7 +12,7 @@ Writes, in the run folder, edit_<task>.png (per image: input, degraded input, re
 interpolation one row per noise pair) and edit_<task>.npz: arr_0 results, arr_1 degraded inputs,
 arr_2 inputs (uint8 NHWC), arr_3 labels when class-conditional; for interpolation arr_0 the
 num_images x interp_points images row by row, arr_1 their labels when class-conditional.
-Any flag may also come from a --config preset made for image_edit.py (configs/NAME.json), as in
+Any flag may also come from a --config preset made for image_edit.py or image_sample.py (configs/NAME.json), as in
 the other scripts. Noise comes from per-sample generators: the results do not depend on
 --batch_size or the number of processes. Without --model_path the model is randomly initialised
 (a smoke test of the pipeline, not real edits).
@@ -24,7 +24,6 @@ known part once per step, so editing takes 4 steps at evenly spaced grid indices
 as in the paper's interpolation figure.
 """
 
-import argparse
 import os
 import time
 
@@ -46,8 +45,8 @@ from cm.editing import (
 from cm.image_datasets import UnreadableImage, collate, open_dataset
 from cm.image_io import save_grid, save_npz, to_uint8_nhwc
 from cm.random_util import get_generator
-from cm.sample_util import in_global_order, load_sampling_model, parse_int_list, round_sizes
-from cm.script_util import add_dict_to_argparser, model_and_diffusion_defaults, run_cli
+from cm.sample_util import in_global_order, load_sampling_model, parse_int_list, round_sizes, sampling_argparser
+from cm.script_util import run_cli
 
 TASKS = ("inpainting", "colorization", "superres", "interpolation")
 EDIT_STEPS = 4  # model evaluations of the default editing --ts
@@ -127,7 +126,7 @@ def read_images(data_dir, image_size, num_images, want_labels):
 
 
 def main(argv=None):
-    args = parse_args_with_config(create_argparser(), argv, "image_edit.py")
+    args = parse_args_with_config(create_argparser(), argv, "image_edit.py", also=("image_sample.py",))
     ts, class_labels = check_args(args)
     # inputs before the process group and the run folder: bad data leave nothing behind
     mask = read_mask(args.mask, args.image_size) if args.task == "inpainting" else None
@@ -279,29 +278,19 @@ def save_outputs(args, num, inputs, results, degraded_all, labels_all):
 
 
 def create_argparser():
-    defaults = dict(
+    # the sampling scripts' flags (so their presets serve here too), then editing's own
+    return sampling_argparser(
+        __doc__,
         task="inpainting",  # inpainting | colorization | superres | interpolation
         data_dir="",  # image folder, .npz (arr_0 uint8 NHWC), or "digits"; not used by interpolation
         num_images=8,  # images to edit (interpolation: rows, one pair of noises each)
-        batch_size=16,  # images (interpolation: rows) per process per round
         mask="letter",  # inpainting: letter | box | half, or a mask image file (white = keep)
         patch_size=8,  # superres: side of the averaged patches (as published); must divide image_size
         interp_points=8,  # interpolation: images per row, endpoints included
         ts="",  # grid indices of the steps; empty: 4 evenly spaced (editing), 0,steps-1 (interpolation)
-        steps=40,  # points of the Karras grid that --ts indexes
-        training_mode="consistency_distillation",  # edm, or a consistency mode (boundary-condition scalings)
-        generator="determ",  # dummy | determ | determ-indiv
-        clip_denoised=True,  # clamp each clean estimate to [-1, 1]
-        model_path="",  # checkpoint; empty: a randomly initialised model
-        seed=42,
+        training_mode="consistency_distillation",
         class_labels="",  # fixed labels, cycled; empty: the data's labels, else uniform over num_classes
-        device="",  # cpu | cuda | cuda:N; empty: this rank's GPU if any, else the CPU
-        log_dir="",  # output folder; empty: $OPENAI_LOGDIR, else runs/<time>
     )
-    defaults.update(model_and_diffusion_defaults())
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dict_to_argparser(parser, defaults)
-    return parser
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ Takes every flag of the published script. Without --model_path the model is rand
 and --log_dir, continues from its last finished round; the result equals an uninterrupted run's.
 """
 
-import argparse
 import os
 
 from cm import dist_util, logger
@@ -19,8 +18,9 @@ from cm.sample_util import (
     generate_samples,
     load_sampling_model,
     sample_kwargs,
+    sampling_argparser,
 )
-from cm.script_util import add_dict_to_argparser, model_and_diffusion_defaults, run_cli
+from cm.script_util import run_cli
 
 def main(argv=None):
     args = parse_args_with_config(create_argparser(), argv, "image_sample.py")
@@ -47,29 +47,7 @@ def main(argv=None):
 
 
 def create_argparser():
-    defaults = dict(
-        training_mode="edm",  # edm, or a consistency mode (boundary-condition scalings)
-        generator="determ",  # dummy | determ | determ-indiv
-        clip_denoised=True,  # clamp each denoised estimate to [-1, 1]
-        num_samples=10000,  # samples to draw in all
-        batch_size=16,  # samples per process per round
-        sampler="heun",  # heun | euler | dpm | ancestral | onestep | multistep | progdist
-        s_churn=0.0,
-        s_tmin=0.0,
-        s_tmax=float("inf"),
-        s_noise=1.0,
-        steps=40,  # sampler steps (multistep: points of the Karras grid that --ts indexes)
-        model_path="",  # checkpoint; empty: a randomly initialised model
-        seed=42,
-        ts="",  # multistep grid indices, e.g. 0,22,39
-        class_labels="",  # fixed labels, cycled over the samples; empty: uniform over num_classes
-        device="",  # cpu | cuda | cuda:N; empty: this rank's GPU if any, else the CPU
-        log_dir="",  # output folder; empty: $OPENAI_LOGDIR, else runs/<time>
-    )
-    defaults.update(model_and_diffusion_defaults())
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dict_to_argparser(parser, defaults)
-    return parser
+    return sampling_argparser(__doc__)
 
 
 if __name__ == "__main__":

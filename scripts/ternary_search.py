@@ -8,7 +8,6 @@ script: the sampler gets its `ts` (the published call crashed), the two- and thr
 compare the right candidates, and every process takes part in the final evaluation.
 """
 
-import argparse
 import json
 import os
 
@@ -18,8 +17,15 @@ from cm import dist_util, logger
 from cm.config import parse_args_with_config
 from cm.atomic import atomic_write_text
 from cm.image_io import save_npz
-from cm.sample_util import SAMPLE_SETTINGS, generate_samples, load_sampling_model, parse_int_list, sample_kwargs
-from cm.script_util import add_dict_to_argparser, model_and_diffusion_defaults, run_cli
+from cm.sample_util import (
+    SAMPLE_SETTINGS,
+    generate_samples,
+    load_sampling_model,
+    parse_int_list,
+    sample_kwargs,
+    sampling_argparser,
+)
+from cm.script_util import run_cli
 
 
 class PointCache:
@@ -111,34 +117,15 @@ def main(argv=None):
 
 
 def create_argparser():
-    defaults = dict(
+    return sampling_argparser(
+        __doc__,
         begin="0",  # grid indices before the searched one (comma-separated)
         end="39",  # grid indices after it
         training_mode="consistency_distillation",
-        generator="determ",
-        clip_denoised=True,
-        num_samples=10000,  # samples per evaluated point
-        batch_size=16,
-        sampler="heun",  # accepted for compatibility; the search samples with multistep
-        s_churn=0.0,
-        s_tmin=0.0,
-        s_tmax=float("inf"),
-        s_noise=1.0,
-        steps=40,  # points of the Karras grid that the indices refer to
-        model_path="",
         ref_batch="",  # reference .npz (its precomputed statistics are used when present)
-        seed=42,
         features="inception",  # feature space of the FID: inception | digits | random
         inception_path="",  # Inception weights file (default: the cache, else a download)
-        ts="",  # unused (the search sets ts); accepted so sampling flags can be shared
-        class_labels="",  # unused here; accepted so sampling flags can be shared
-        device="",
-        log_dir="",
     )
-    defaults.update(model_and_diffusion_defaults())
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dict_to_argparser(parser, defaults)
-    return parser
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ def test_demo_quick_writes_results_grids_and_loss_curve(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FID" in result.stdout and "class acc." in result.stdout
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results) == {"onestep", "twostep", "real digits (reference)"}
-    assert results["real digits (reference)"]["fid"] < 1e-3  # the reference against itself
+    assert set(results) == {"onestep", "twostep", "real digits (half vs half)"}
+    assert results["real digits (half vs half)"]["class_accuracy"] > 0.95  # real digits are recognised
     assert 0 <= results["onestep"]["class_accuracy"] <= 1
     for name in ("samples_onestep/samples_grid.png", "samples_twostep/samples_grid.png", "loss_curve.png", "results.txt"):
         assert (tmp_path / name).exists(), name

@@ -200,7 +200,7 @@ def test_mask_image_file_and_untrained_model(runs):
         (["--task", "colorization", "--data_dir", "{tmp}/empty"], "no images"),
         (["--task", "colorization", "--ts", "0,5,10", "--steps", "10"], "0..9"),
         (["--task", "colorization", "--class_labels", "12"], "0..9"),
-        (["--config", "sample_cd_lpips_imagenet64_onestep"], "not scripts/image_edit.py"),
+        (["--config", "ct_imagenet64"], "not scripts/image_edit.py"),
     ],
 )
 def test_bad_input_gives_one_line(tmp_path, monkeypatch, capsys, flags, words):
