@@ -180,8 +180,6 @@ def parse_resume_step_from_filename(filename):
 class TrainLoop:
     """EDM training (denoising score matching at sigmas from the schedule sampler)."""
 
-    has_target = False
-
     def __init__(
         self,
         *,
@@ -485,10 +483,20 @@ class TrainLoop:
         dist_util.barrier()
 
 
+CM_TRAINING_MODES = ("consistency_distillation", "consistency_training", "progdist")
+
+
+def check_training_mode(training_mode, has_teacher=None):
+    """One clear error for an unknown consistency training mode, or (when `has_teacher` is given) a
+    distillation mode without a teacher."""
+    if training_mode not in CM_TRAINING_MODES:
+        raise ValueError(f"unknown --training_mode {training_mode}; choose one of {', '.join(CM_TRAINING_MODES)}")
+    if training_mode != "consistency_training" and has_teacher is False:
+        raise ValueError(f"--training_mode {training_mode} needs --teacher_model_path (an EDM checkpoint)")
+
+
 class CMTrainLoop(TrainLoop):
     """Consistency distillation, consistency training and progressive distillation."""
-
-    has_target = True
 
     def __init__(
         self,
@@ -502,12 +510,7 @@ class CMTrainLoop(TrainLoop):
         teacher_solver="heun",
         **kwargs,
     ):
-        if training_mode not in ("consistency_distillation", "consistency_training", "progdist"):
-            raise ValueError(
-                f"unknown training_mode {training_mode!r}; choose consistency_distillation, consistency_training or progdist"
-            )
-        if training_mode in ("consistency_distillation", "progdist") and teacher_model is None:
-            raise ValueError(f"{training_mode} needs a teacher: pass --teacher_model_path")
+        check_training_mode(training_mode, teacher_model is not None)
         self.target_model = target_model
         self.teacher_model = teacher_model
         self.teacher_diffusion = teacher_diffusion

@@ -21,7 +21,7 @@ from cm.script_util import (
     run_cli,
     train_defaults,
 )
-from cm.train_util import CMTrainLoop
+from cm.train_util import CMTrainLoop, check_training_mode
 
 
 def main(argv=None):
@@ -37,10 +37,7 @@ def main(argv=None):
         total_steps=args.total_training_steps,
         distill_steps_per_iter=args.distill_steps_per_iter,
     )
-    if args.training_mode not in ("consistency_distillation", "consistency_training", "progdist"):
-        raise ValueError(
-            f"unknown --training_mode {args.training_mode}; choose consistency_distillation, consistency_training or progdist"
-        )
+    check_training_mode(args.training_mode)
     # consistency models use the boundary-condition scalings; progressive distillation keeps EDM's
     model_kwargs = args_to_dict(args, model_and_diffusion_defaults().keys())
     model_kwargs["distillation"] = args.training_mode != "progdist"
@@ -52,6 +49,7 @@ def main(argv=None):
     batch_size = per_process_batch(args)
     data = training_data(args, batch_size)
 
+    check_training_mode(args.training_mode, has_teacher=bool(args.teacher_model_path))
     teacher_model = teacher_diffusion = None
     if args.teacher_model_path:
         logger.log(f"loading the teacher model from {args.teacher_model_path}")
@@ -63,8 +61,6 @@ def main(argv=None):
         teacher_model.to(dist_util.dev()).eval()
         if args.use_fp16:
             teacher_model.convert_to_fp16()
-    elif args.training_mode != "consistency_training":
-        raise ValueError(f"--training_mode {args.training_mode} needs --teacher_model_path (an EDM checkpoint)")
 
     target_model = copy.deepcopy(model)  # the target network f^- starts as the online network
     logger.log("training...")

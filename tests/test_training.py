@@ -14,7 +14,7 @@ import torch
 
 from cm.image_datasets import load_digits_arrays
 from cm.script_util import create_model_and_diffusion
-from cm.train_util import Precision
+from cm.train_util import Precision, checkpoint_config
 
 from conftest import tiny_config
 from test_scripts import ROOT, TINY_FLAGS, load_script, run
@@ -102,6 +102,7 @@ def test_cd_run_from_the_teacher_lowers_the_loss(edm_teacher, tmp_path):
     assert all((tmp_path / f"{n}000030.pt").exists() for n in names)
     model = torch.load(tmp_path / "model000030.pt", weights_only=True)
     assert "cm_config" in model._metadata  # the resolved config travels inside the checkpoint
+    assert checkpoint_config(model)["training_mode"] == "consistency_distillation"
 
 
 def test_ct_run_lowers_the_loss(tmp_path):
