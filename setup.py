@@ -9,6 +9,7 @@ from setuptools import find_packages, setup
 #   mpi4py, mpich      `mpiexec -n K` multi-process runs; the mpich wheel ships the MPI runtime and mpiexec
 #   lpips              the LPIPS distance's linear-layer weights (they ship inside the package)
 #   torch-fidelity     the evaluator's Inception-v3: a port of the TF 2015-12-05 graph with TF1's bilinear resize
+# diffusers, safetensors  optional ([diffusers] extra, and in [test]): scripts/convert_*_diffusers.py
 # torch is left open above: on the project's machines pip's constraint file resolves it to the local 2.14.1.
 setup(
     name="consistency-models",
@@ -32,6 +33,7 @@ setup(
         "torch-fidelity>=0.3.0",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "diffusers>=0.25", "safetensors>=0.4"],
+        "diffusers": ["diffusers>=0.25", "safetensors>=0.4"],
     },
 )

@@ -1,5 +1,7 @@
 """Checkpoint files: atomic writes, and loading a state dict into a model with a clear mismatch error."""
 
+import os
+
 import torch
 
 from . import dist_util
@@ -30,12 +32,18 @@ def state_dict_mismatch(model, state_dict, limit=10):
 
 
 def load_model_weights(model, path):
-    """Load the plain state dict at `path` into `model` (strict); a checkpoint that does not fit
+    """Load the plain state dict at `path` (or the U-Net of the diffusers folder at `path`) into
+    `model` (strict); a checkpoint that does not fit
     raises one error naming the differing keys and shapes and the likely fix."""
-    try:
-        state_dict = dist_util.load_state_dict(path, map_location="cpu")
-    except (RuntimeError, EOFError, ValueError) as err:
-        raise ValueError(f"cannot read checkpoint {path} (truncated or not a PyTorch state dict): {err}") from err
+    if os.path.isdir(path):  # a diffusers ConsistencyModelPipeline / UNet2DModel folder
+        from .diffusers_convert import load_folder
+
+        state_dict = load_folder(path)[0]
+    else:
+        try:
+            state_dict = dist_util.load_state_dict(path, map_location="cpu")
+        except (RuntimeError, EOFError, ValueError) as err:
+            raise ValueError(f"cannot read checkpoint {path} (truncated or not a PyTorch state dict): {err}") from err
     if isinstance(state_dict, dict) and "model" in state_dict and isinstance(state_dict["model"], dict):
         state_dict = state_dict["model"]
     problems = state_dict_mismatch(model, state_dict)
@@ -54,8 +62,6 @@ def weights_file(what, given, flag, file_names, urls, hash_prefix=None):
     `file_names` in the torch hub cache ($TORCH_HOME/hub/checkpoints), else downloaded there from the
     first reachable of `urls` (its SHA-256 prefix checked when given). Offline with none of them: one
     FileNotFoundError naming the file, the folder to put it in, where to get it, and the flag."""
-    import os
-
     if given:
         if not os.path.isfile(given):
             raise FileNotFoundError(f"{what} weights not found at {given} ({flag}); it should be {file_names[0]}, from {urls[0]}")

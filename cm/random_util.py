@@ -4,7 +4,9 @@
   "dummy"         the global torch RNG;
   "determ"        one seeded generator per device; every draw makes the noise of all `num_samples`
                   samples and keeps this process's rows (fast on GPU, memory grows with num_samples);
-  "determ-indiv"  one seeded generator per sample (seed = index + num_samples * seed).
+  "determ-indiv"  one seeded generator per sample (seed = index + num_samples * seed);
+and, this project's addition, "torch": one seeded torch.Generator drawn in call order, as diffusers'
+pipelines draw (the same seed gives ConsistencyModelPipeline's samples; depends on batch size).
 Global sample index of row j on rank r with world size W is done_samples + r + j * W, so a batch
 is a fixed set of global samples whatever the batch size and number of processes. Before each
 batch, call `set_done_samples(n)` with the number of samples all processes have finished
@@ -24,7 +26,9 @@ def get_generator(generator, num_samples=0, seed=0, rank=None, world_size=None):
         return DeterministicGenerator(num_samples, seed, rank, world_size)
     if generator == "determ-indiv":
         return DeterministicIndividualGenerator(num_samples, seed, rank, world_size)
-    raise ValueError(f"unknown generator {generator!r}; choose dummy, determ or determ-indiv")
+    if generator == "torch":
+        return TorchGenerator(seed)
+    raise ValueError(f"unknown generator {generator!r}; choose dummy, determ, determ-indiv or torch")
 
 
 class DummyGenerator:
@@ -38,6 +42,33 @@ class DummyGenerator:
 
     def randn_like(self, *args, **kwargs):
         return torch.randn_like(*args, **kwargs)
+
+    def set_done_samples(self, done_samples):
+        pass
+
+
+class TorchGenerator:
+    """One torch.Generator per device, seeded with `seed`, each draw continuing the stream: diffusers'
+    pipelines draw their latents and each step's noise this way from the `generator` they are given."""
+
+    def __init__(self, seed=0):
+        self.seed = seed
+        self._generators = {}
+
+    def _gen(self, device):
+        key = str(torch.device("cpu" if device is None else device))
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(key).manual_seed(self.seed)
+        return self._generators[key]
+
+    def randn(self, *size, dtype=torch.float, device="cpu"):
+        return torch.randn(size, generator=self._gen(device), dtype=dtype, device=device)
+
+    def randn_like(self, tensor):
+        return self.randn(*tensor.shape, dtype=tensor.dtype, device=tensor.device)
+
+    def randint(self, low, high, size, dtype=torch.long, device="cpu"):
+        return torch.randint(low, high, size, generator=self._gen(device), dtype=dtype, device=device)
 
     def set_done_samples(self, done_samples):
         pass

@@ -32,7 +32,7 @@ def sampling_argparser(description, **script_defaults):
     the model's flags, then the script's own (which may override a default)."""
     defaults = dict(
         training_mode="edm",  # edm, or a consistency mode (boundary-condition scalings)
-        generator="determ",  # dummy | determ | determ-indiv
+        generator="determ",  # dummy | determ | determ-indiv | torch (diffusers' order)
         clip_denoised=True,  # clamp each denoised estimate to [-1, 1]
         num_samples=10000,  # samples to draw in all
         batch_size=16,  # samples per process per round

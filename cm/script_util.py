@@ -255,7 +255,7 @@ def run_cli(main):
 
     try:
         main()
-    except (ValueError, FileNotFoundError, NotADirectoryError, NonFiniteLossError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError, NonFiniteLossError) as err:
         if os.environ.get("CM_TRACEBACK"):
             raise
         print(f"error: {err} (set CM_TRACEBACK=1 for the traceback)", file=sys.stderr)

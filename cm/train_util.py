@@ -523,8 +523,13 @@ class CMTrainLoop(TrainLoop):
     def _setup_extra_models(self, resume_path):
         self.target_model.requires_grad_(False)
         self.target_model.train()  # dropout as in the online network (its mask state is shared)
-        if resume_path and self._companion(resume_path, f"target_model{self.step:06d}.pt"):
-            self._load_into(self.target_model, self._companion(resume_path, f"target_model{self.step:06d}.pt"), "target")
+        target_file = resume_path and self._companion(resume_path, f"target_model{self.step:06d}.pt")
+        if target_file:
+            self._load_into(self.target_model, target_file, "target")
+        elif resume_path:
+            # fine-tuning from a bare model file (a published or converted checkpoint): the target
+            # starts as the loaded network (the published loop left it at the random initialisation)
+            self.target_model.load_state_dict(self.model.state_dict())
         if self.precision.mode == "fp16":
             self.target_master = [p.detach().float().clone() for p in self.target_model.parameters()]
             self.target_model.convert_to_fp16()
