@@ -109,12 +109,13 @@ def module_pairs(flags):
     return pairs
 
 
-def _split_key(key, prefixes):
-    """(module prefix, parameter suffix) of `key`, the longest matching prefix."""
-    for prefix in sorted(prefixes, key=len, reverse=True):
+def _locate(key, pairs, hint):
+    """(other side's module prefix, kind, parameter suffix) of `key`, by its longest module prefix
+    in `pairs` (prefix -> (other prefix, kind)); a key of no module is an error ending in `hint`."""
+    for prefix in sorted(pairs, key=len, reverse=True):
         if key.startswith(prefix + "."):
-            return prefix, key[len(prefix) + 1 :]
-    raise KeyError(key)
+            return (*pairs[prefix], key[len(prefix) + 1 :])
+    raise ValueError(f"parameter {key} {hint}")
 
 
 def _rename(suffix, names):
@@ -130,11 +131,7 @@ def state_dict_to_diffusers(state_dict, flags):
     pairs = {ours: (theirs, kind) for ours, theirs, kind in module_pairs(flags)}
     out = {}
     for key, value in state_dict.items():
-        try:
-            prefix, suffix = _split_key(key, pairs)
-        except KeyError:
-            raise ValueError(f"parameter {key} has no diffusers counterpart; are the flags those of the checkpoint?") from None
-        theirs, kind = pairs[prefix]
+        theirs, kind, suffix = _locate(key, pairs, "has no diffusers counterpart; are the flags those of the checkpoint?")
         if kind == "attention" and suffix.startswith("qkv."):
             param = suffix[len("qkv.") :]
             for name, part in zip(("to_q", "to_k", "to_v"), value.chunk(3, dim=0)):
@@ -159,11 +156,7 @@ def state_dict_from_diffusers(state_dict, flags):
     }
     out, qkv = OrderedDict(), {}
     for key, value in state_dict.items():
-        try:
-            prefix, suffix = _split_key(key, pairs)
-        except KeyError:
-            raise ValueError(f"diffusers parameter {key} has no counterpart in this architecture") from None
-        ours, kind = pairs[prefix]
+        ours, kind, suffix = _locate(key, pairs, "of the diffusers model has no counterpart in this architecture")
         if kind == "attention" and suffix.split(".")[0] in ("to_q", "to_k", "to_v"):
             name, param = suffix.split(".", 1)
             qkv.setdefault(f"{ours}.qkv.{param}", {})[name] = value
