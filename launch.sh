@@ -2,6 +2,7 @@
 # The published experiments by name, and the embedded demo.
 #
 #   bash launch.sh demo                                   # CPU demo on the embedded digits (about 11 minutes)
+#   bash launch.sh compare                                # CT vs iCT vs ECT on the digits (about 30 minutes)
 #   bash launch.sh list                                   # every preset, with what it runs
 #   bash launch.sh ct_imagenet64 --data_dir /data/imagenet64          # one process
 #   NPROC=8 bash launch.sh ct_imagenet64 --data_dir /data/imagenet64  # mpiexec -n 8
@@ -23,8 +24,11 @@ case "$name" in
   demo)
     exec python scripts/demo.py "$@"
     ;;
+  compare)
+    exec python scripts/compare_digits.py "$@"
+    ;;
   list|-h|--help)
-    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
     echo
     python - <<'PY'
 from cm.config import load_preset, preset_names

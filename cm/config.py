@@ -31,11 +31,14 @@ def load_preset(name):
     return preset
 
 
-def parse_args_with_config(parser, argv, script, also=()):
+def parse_args_with_config(parser, argv, script, also=(), mode_defaults=None):
     """Parse `argv` with `parser`, its defaults first replaced by the --config preset's flags; the
-    preset must be made for `script` or one of the scripts in `also` (whose flags it shares)."""
+    preset must be made for `script` or one of the scripts in `also` (whose flags it shares).
+    `mode_defaults` ({training_mode: {flag: value}}) gives the values a --training_mode brings: they
+    replace the script's defaults, and the preset and the command line override them."""
     parser.add_argument("--config", default="", help="preset name in configs/ (any other flag overrides it)")
     known, _ = parser.parse_known_args(argv)
+    preset_flags = {}
     if known.config:
         preset = load_preset(known.config)
         if preset.get("script", script) not in (script, *also):
@@ -44,5 +47,9 @@ def parse_args_with_config(parser, argv, script, also=()):
         unknown = sorted(set(preset["flags"]) - dests)
         if unknown:
             raise ValueError(f"preset {known.config!r} sets flags scripts/{script} does not have: {', '.join(unknown)}")
-        parser.set_defaults(**preset["flags"])
+        preset_flags = preset["flags"]
+        parser.set_defaults(**preset_flags)
+    if mode_defaults:
+        mode = parser.parse_known_args(argv)[0].training_mode
+        parser.set_defaults(**{**mode_defaults.get(mode, {}), **preset_flags})
     return parser.parse_args(argv)

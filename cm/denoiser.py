@@ -35,6 +35,7 @@ class KarrasDenoiser:
         distillation=False,
         loss_norm="lpips",
         lpips_vgg_path=None,
+        huber_c=None,
     ):
         if weight_schedule not in WEIGHT_SCHEDULES:
             raise ValueError(
@@ -50,6 +51,7 @@ class KarrasDenoiser:
             raise ValueError(f"unknown loss_norm {loss_norm!r}; choose one of {', '.join(losses.LOSS_NORMS)}")
         self.loss_norm = loss_norm
         self.lpips_vgg_path = lpips_vgg_path
+        self.huber_c = huber_c  # pseudo-Huber c; None: iCT's 0.00054 sqrt(d)
         self.lpips_loss = None  # built on first use (loss_norm "lpips")
         self.num_timesteps = 40  # the grid of the published "uniform" schedule sampler
 
@@ -119,6 +121,12 @@ class KarrasDenoiser:
         return losses.consistency_loss(
             self, model, x_start, num_scales, model_kwargs, target_model, teacher_model, teacher_diffusion,
             noise, indices, teacher_solver, self.lpips_network(x_start.device),
+        )
+
+    def ect_losses(self, model, x_start, t, r, model_kwargs=None, target_model=None, noise=None):
+        """Easy consistency tuning between noise levels t and r(t) (per-sample term "loss")."""
+        return losses.ect_loss(
+            self, model, x_start, t, r, model_kwargs, target_model, noise, self.lpips_network(x_start.device)
         )
 
     def progdist_losses(

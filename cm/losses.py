@@ -1,9 +1,12 @@
-"""Training losses: EDM denoising, consistency distillation (CD), consistency training (CT) and
-progressive distillation, each returning per-sample values; the distances d(x, y) between outputs.
+"""Training losses: EDM denoising, consistency distillation (CD), consistency training (CT, and iCT's
+variant of it), easy consistency tuning (ECT) and progressive distillation, each returning per-sample
+values; the distances d(x, y) between outputs.
 
-Every loss takes the KarrasDenoiser `diffusion` whose preconditioning, noise range and weighting it uses.
-CD and CT share one ODE step (`ode_step`): CD steps with the teacher's denoiser, CT with the clean
-image itself standing in for it (CM paper, Algorithms 2 and 3).
+Every loss takes the KarrasDenoiser `diffusion` whose preconditioning, noise range, weighting and
+distance it uses. CD and CT share one ODE step (`ode_step`): CD steps with the teacher's denoiser, CT
+with the clean image itself standing in for it (CM paper, Algorithms 2 and 3). iCT is CT with other
+noise levels, weighting, distance and curriculum (chosen by the training loop and the flags); ECT
+compares the model at t and at r(t) < t on one noise direction, in continuous time.
 """
 
 import torch
@@ -12,7 +15,7 @@ import torch.nn.functional as F
 from .nn import append_dims, mean_flat
 from .schedule import index_to_sigma, karras_sigma
 
-WEIGHT_SCHEDULES = ("snr", "snr+1", "karras", "truncated-snr", "uniform")
+WEIGHT_SCHEDULES = ("snr", "snr+1", "karras", "truncated-snr", "uniform", "inverse-step")
 LOSS_NORMS = ("l1", "l2", "l2-32", "lpips", "pseudo-huber")
 
 
@@ -29,7 +32,19 @@ def get_weightings(weight_schedule, snrs, sigma_data):
         return torch.clamp(snrs, min=1.0)
     if weight_schedule == "uniform":
         return torch.ones_like(snrs)
+    if weight_schedule == "inverse-step":
+        raise ValueError("weight_schedule 'inverse-step' weights a consistency step (CD, CT, iCT, ECT); "
+                         "the EDM and progressive-distillation losses need another")
     raise ValueError(f"unknown weight_schedule {weight_schedule!r}; choose one of {', '.join(WEIGHT_SCHEDULES)}")
+
+
+def step_weightings(diffusion, t, t_next):
+    """Loss weight of a consistency step from t down to t_next < t: "inverse-step" is
+    1 / (t - t_next), iCT's lambda(sigma_i) = 1 / (sigma_{i+1} - sigma_i) (Song & Dhariwal 2023, Sec. 3.1)
+    and ECT's w(t, r) = 1 / (t - r) (Geng et al. 2024); every other schedule is lambda(t) of get_weightings."""
+    if diffusion.weight_schedule == "inverse-step":
+        return 1.0 / (t - t_next)
+    return get_weightings(diffusion.weight_schedule, diffusion.get_snr(t), diffusion.sigma_data)
 
 
 def pseudo_huber_c(x):
@@ -42,7 +57,8 @@ def distance(a, b, loss_norm, lpips_fn=None, huber_c=None):
 
     l1, l2: mean absolute / squared difference; l2-32: l2 after bilinear resizing to 32x32;
     lpips: LPIPS on [0, 1] images, upsampled bilinearly to 224 when smaller than 256 (as published);
-    pseudo-huber: sqrt(||a - b||^2 + c^2) - c (iCT), c defaulting to 0.00054 sqrt(d).
+    pseudo-huber: sqrt(||a - b||^2 + c^2) - c (iCT), c defaulting to 0.00054 sqrt(d); c = 0 gives
+    the l2 norm ||a - b|| (ECT's adaptive weighting with p = 0.5).
     """
     if loss_norm == "l1":
         return mean_flat(torch.abs(a - b))
@@ -75,9 +91,10 @@ def edm_loss(diffusion, model, x_start, sigmas, model_kwargs=None, noise=None):
     return {"xs_mse": mean_flat((denoised - x_start) ** 2), "mse": mse, "loss": mse}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def ode_step(x, t, next_t, x0_fn, solver="heun"):
-    """One step of the probability-flow ODE dx/dsigma = (x - x0(x, sigma)) / sigma from t to next_t.
+    """One step of the probability-flow ODE dx/dsigma = (x - x0(x, sigma)) / sigma from t to next_t,
+    under inference mode (no autograd bookkeeping at all; the result only enters the loss as a constant).
 
     `x0_fn(x, sigma)` is the teacher's denoiser (CD) or returns the clean image (CT, where both
     Heun evaluations give the same x0 and the step is exactly Euler's)."""
@@ -154,12 +171,36 @@ def consistency_loss(
         )
 
     _set_rng_states(x_start.device, dropout_state)
-    with torch.no_grad():
+    with torch.inference_mode():  # a constant of the loss: no autograd bookkeeping
         distiller_target = diffusion.denoise(target_model, x_t2, t2, **model_kwargs)[1]
 
-    weights = get_weightings(diffusion.weight_schedule, diffusion.get_snr(t), diffusion.sigma_data)
-    loss = distance(distiller, distiller_target, diffusion.loss_norm, lpips_fn) * weights
+    weights = step_weightings(diffusion, t, t2)
+    loss = distance(distiller, distiller_target, diffusion.loss_norm, lpips_fn, diffusion.huber_c) * weights
     return {"loss": loss}
+
+
+def ect_loss(diffusion, model, x_start, t, r, model_kwargs=None, target_model=None, noise=None, lpips_fn=None):
+    """Easy consistency tuning (Geng et al. 2024): w(t, r) d(f(x + t z, t), f^-(x + r z, r)) with one
+    noise direction z for both points, r = r(t) < t from the stage schedule (cm.schedule.ect_r), the
+    target network f^- under the online network's dropout state and without gradient, and the clean
+    image itself as the target where r = 0. As in the published loss, d is the pseudo-Huber distance
+    with ECT's c (c = 0: the l2 norm, the paper's adaptive weighting with p = 1/2) and w is 1/(t - r)
+    ("inverse-step", the published CIFAR-10 code) or lambda(t) ("karras" = SNR(t) + 1/sigma_data^2, the
+    published ImageNet code)."""
+    if target_model is None:
+        raise ValueError("easy consistency tuning needs a target model (the online network without gradient)")
+    model_kwargs = model_kwargs or {}
+    if noise is None:
+        noise = torch.randn_like(x_start)
+    dims = x_start.ndim
+    dropout_state = _rng_states(x_start.device)
+    online = diffusion.denoise(model, x_start + noise * append_dims(t, dims), t, **model_kwargs)[1]
+    _set_rng_states(x_start.device, dropout_state)
+    with torch.inference_mode():  # a constant of the loss: no autograd bookkeeping
+        target = diffusion.denoise(target_model, x_start + noise * append_dims(r, dims), r, **model_kwargs)[1]
+        target = torch.where(append_dims(r > 0, dims), target, x_start)
+    weights = step_weightings(diffusion, t, r)
+    return {"loss": distance(online, target, diffusion.loss_norm, lpips_fn, diffusion.huber_c) * weights}
 
 
 def progdist_loss(
@@ -198,4 +239,4 @@ def progdist_loss(
     target_x = (x_t - append_dims(t, dims) * (x_t3 - x_t) / append_dims(t3 - t, dims)).detach()
 
     weights = get_weightings(diffusion.weight_schedule, diffusion.get_snr(t), diffusion.sigma_data)
-    return {"loss": distance(denoised_x, target_x, diffusion.loss_norm, lpips_fn) * weights}
+    return {"loss": distance(denoised_x, target_x, diffusion.loss_norm, lpips_fn, diffusion.huber_c) * weights}

@@ -4,13 +4,20 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in at least float32 precision whatever the input dtype, cast back afterwards."""
+    """GroupNorm computed in at least float32 precision whatever the input dtype, returned in the input's.
+    On the CPU, PyTorch's kernel takes bf16/fp16 input with float32 weights and accumulates in float32
+    itself: for bf16 bit for bit the result of casting around it, without the two casts (3x faster,
+    measured), so there the input goes in as it is, autocast or not."""
 
     def forward(self, x):
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and self.weight.dtype == torch.float32:
+            with torch.autocast("cpu", enabled=False):
+                return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return super().forward(x.to(torch.promote_types(x.dtype, torch.float32))).type(x.dtype)
 
 
@@ -65,11 +72,33 @@ def timestep_embedding(timesteps, dim, max_period=10000):
     freqs = torch.exp(
         -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
     )
-    args = timesteps[:, None].float() * freqs[None]
-    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    embedding = sinusoidal_features(timesteps, freqs)
     if dim % 2:
         embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
     return embedding
+
+
+def sinusoidal_features(x, freqs):
+    """[cos(x f) | sin(x f)] of a 1-D batch x over frequencies f: an [N x 2F] float32 tensor."""
+    args = x[:, None].float() * freqs[None].float()
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features [cos(2 pi f x) | sin(2 pi f x)] of the time input, f ~ N(0, scale^2) drawn
+    once and kept as a buffer (saved with the weights): NCSN++'s noise embedding, which iCT uses with
+    scale 0.02 instead of 16 to make the network less sensitive to the noise level (Song & Dhariwal 2023,
+    Sec. 3.1). It takes the same input as the positional embedding, 250 ln sigma: our reading of iCT's
+    remark that Fourier features of scale 0.02 are about as sensitive as the positional ones."""
+
+    def __init__(self, dim, scale):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"Fourier time embedding needs an even width, got {dim}")
+        self.register_buffer("freqs", torch.randn(dim // 2) * scale)
+
+    def forward(self, x):
+        return sinusoidal_features(x, 2 * math.pi * self.freqs)
 
 
 def checkpoint(func, inputs, enabled):

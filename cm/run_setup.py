@@ -71,4 +71,6 @@ def loop_kwargs(args, model, diffusion, data, batch_size, config):
         seed=args.seed,
         config=config,
         progress=args.progress,
+        channels_last=args.channels_last,
+        compile=args.compile,
     )

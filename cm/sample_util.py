@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from . import dist_util, logger
 from .atomic import atomic_write_text
 from .checkpoints import load_model_weights
+from .fast_paths import apply_fast_paths
 from .image_io import save_npz, to_uint8_nhwc
 from .random_util import get_generator
 from .samplers import karras_sample
@@ -48,6 +49,8 @@ def sampling_argparser(description, **script_defaults):
         class_labels="",  # fixed labels, cycled over the samples; empty: uniform over num_classes
         device="",  # cpu | cuda | cuda:N; empty: this rank's GPU if any, else the CPU
         log_dir="",  # output folder; empty: $OPENAI_LOGDIR, else runs/<time>
+        channels_last=False,  # fast path: run the network in the channels_last (NHWC) memory format
+        compile=False,  # fast path: torch.compile the network (compiles on the first batch)
     )
     defaults.update(model_and_diffusion_defaults())
     defaults.update(script_defaults)
@@ -102,6 +105,7 @@ def load_sampling_model(args):
         model.convert_to_fp16()
     elif args.use_bf16:
         model.convert_to_bf16()
+    apply_fast_paths([model], channels_last=args.channels_last, compile=args.compile)
     return model.eval(), diffusion
 
 

@@ -40,6 +40,59 @@ def progressive_num_scales(step, total_steps, start_scales, end_scales):
     return np.maximum(scales, 1) + 1
 
 
+def exponential_num_scales(step, total_steps, start_scales, end_scales):
+    """N(k) of iCT's exponential curriculum (Song & Dhariwal 2023, Sec. 3.4 and Table 1):
+    min(s0 * 2^floor(k / K'), s1) + 1 with K' = floor(K / (log2 floor(s1 / s0) + 1)), so N doubles
+    every K' steps and reaches s1 + 1 for the last K' steps. When K is shorter than that many stages
+    (K' would be 0) we take K' = 1, our reading for runs too short for the formula."""
+    stages = np.log2(end_scales // start_scales) + 1
+    stage_steps = max(int(np.floor(total_steps / stages)), 1)
+    doublings = min(int(step) // stage_steps, 62)
+    return int(min(start_scales * 2**doublings, end_scales)) + 1
+
+
+def lognormal_sigmas(normal, p_mean, p_std):
+    """Noise levels sigma = exp(P_mean + P_std * n) for standard normal draws n: EDM's training
+    distribution (Karras et al. 2022, Sec. 5) and ECT's t ~ p(t)."""
+    return torch.exp(p_mean + p_std * normal)
+
+
+def lognormal_index_probabilities(num_scales, sigma_min, sigma_max, rho, p_mean, p_std):
+    """iCT's discretised lognormal over the pairs of the Karras grid (Song & Dhariwal 2023, Sec. 3.5):
+    p(sigma_i) proportional to erf((ln sigma_{i+1} - P_mean) / (sqrt(2) P_std)) - erf((ln sigma_i - P_mean) /
+    (sqrt(2) P_std)), the lognormal's mass between two neighbouring levels sigma_i < sigma_{i+1}.
+    Our grid is indexed from sigma_max down (index n holds t_n > t_{n+1}), so entry n (0..N-2) is the
+    probability of the pair (t_{n+1}, t_n); float64, summing to 1."""
+    sigmas = index_to_sigma(torch.arange(num_scales, dtype=torch.float64), num_scales, sigma_min, sigma_max, rho)
+    cdf = torch.erf((torch.log(sigmas) - p_mean) / (2**0.5 * p_std))
+    mass = cdf[:-1] - cdf[1:]
+    return mass / mass.sum()
+
+
+def inverse_cdf_indices(probabilities, uniforms):
+    """Indices drawn from `probabilities` by inverting its CDF at `uniforms` in [0, 1): index i when
+    CDF(i - 1) <= u < CDF(i). Deterministic given the uniforms (the training loop's per-step draws)."""
+    cdf = torch.cumsum(probabilities.to(uniforms.device, torch.float64), 0)
+    index = torch.searchsorted(cdf, uniforms.to(torch.float64), right=True)
+    return index.clamp(max=len(probabilities) - 1)
+
+
+def ect_stage(step, stage_steps):
+    """ECT's stage floor(step / d): the mapping r(t) tightens every d steps (Geng et al. 2024, Sec. 3;
+    the published loop advances it every `--double` ticks)."""
+    return int(step) // stage_steps
+
+
+def ect_r(t, stage, q, k, b):
+    """ECT's mapping r(t) = max(t (1 - n(t) / q^(stage + 1)), 0), n(t) = 1 + k sigmoid(-b t) (Geng et al.
+    2024, Sec. 3, the "sigmoid" mapping; k = 0 gives the constant one). The paper writes q^ceil(i/d); we
+    follow the published code, which divides by q^(floor(i/d) + 1) (equal except at multiples of d).
+    r = 0 means the target is the clean image: at stage 0 small t fall back to EDM's denoising loss.
+    In float32 t - r vanishes once q^(stage + 1) nears 2^24; the published schedules stop far below."""
+    n = 1 + k * torch.sigmoid(-b * t)
+    return torch.clamp(t * (1 - n / q ** (stage + 1)), min=0)
+
+
 def create_ema_and_scales_fn(
     target_ema_mode,
     start_ema,
@@ -58,22 +111,29 @@ def create_ema_and_scales_fn(
                            The paper writes N(k) in that denominator; the published code, with which
                            the checkpoints were trained, uses N(k) - 1, and so do we.
       fixed/progdist       progressive distillation: N halves every distill_steps_per_iter steps.
+      fixed/exponential    iCT: N(k) doubling from s0 to s1 (exponential_num_scales); iCT's target
+                           is the online network, start_ema 0.
     """
     modes = {
         ("fixed", "fixed"),
         ("fixed", "progressive"),
         ("adaptive", "progressive"),
         ("fixed", "progdist"),
+        ("fixed", "exponential"),
     }
     if (target_ema_mode, scale_mode) not in modes:
         raise ValueError(
             f"unsupported target_ema_mode/scale_mode pair {target_ema_mode}/{scale_mode}; "
             f"choose one of {sorted('/'.join(m) for m in modes)}"
         )
+    if scale_mode == "exponential" and not 1 <= start_scales <= end_scales:
+        raise ValueError(f"scale_mode exponential needs 1 <= start_scales <= end_scales, got {start_scales} and {end_scales}")
 
     def ema_and_scales_fn(step):
         if scale_mode == "fixed":
             return float(start_ema), int(start_scales)
+        if scale_mode == "exponential":
+            return float(start_ema), exponential_num_scales(step, total_steps, start_scales, end_scales)
         if scale_mode == "progressive":
             scales = progressive_num_scales(step, total_steps, start_scales, end_scales)
             if target_ema_mode == "adaptive":

@@ -36,16 +36,40 @@ def cm_train_defaults():
     return dict(
         teacher_model_path="",  # EDM teacher checkpoint (consistency distillation)
         teacher_dropout=0.1,  # dropout of the teacher network
-        training_mode="consistency_distillation",  # edm | consistency_distillation | consistency_training | progdist
+        training_mode="consistency_distillation",  # consistency_distillation | consistency_training | progdist | improved_consistency_training | easy_consistency_tuning
         target_ema_mode="fixed",  # fixed | adaptive: target-network EMA mu(k)
-        scale_mode="fixed",  # fixed | progressive | progdist: discretisation N(k)
+        scale_mode="fixed",  # fixed | progressive | progdist | exponential (iCT): discretisation N(k)
         total_training_steps=600000,  # stop after this many steps
         start_ema=0.0,  # mu0, the target EMA rate at step 0
         start_scales=40,  # s0, N at step 0
         end_scales=40,  # s1, N at the end of the progressive curriculum
         distill_steps_per_iter=50000,  # steps per halving in progressive distillation
         loss_norm="lpips",  # l1 | l2 | l2-32 | lpips | pseudo-huber
+        huber_c=-1.0,  # pseudo-Huber c; negative: iCT's 0.00054 sqrt(d), d the numbers per image
+        p_mean=-1.1,  # lognormal noise levels of iCT (on the grid) and ECT: ln sigma ~ N(p_mean, p_std^2)
+        p_std=2.0,
+        ect_q=2.0,  # ECT's r(t) = t (1 - n(t) / q^(stage + 1)): q
+        ect_k=8.0,  # ECT's n(t) = 1 + k sigmoid(-b t): k (0: the constant mapping)
+        ect_b=1.0,  # ... and b
+        ect_stage_steps=25000,  # d: ECT's stage lasts this many steps (published CIFAR-10: 25k at batch 128)
     )
+
+
+# Flag values a training mode brings when neither the command line nor the --config preset sets them
+# (cm.config.parse_args_with_config); the resolved values are printed and saved with the run.
+TRAINING_MODE_DEFAULTS = {
+    # Song & Dhariwal 2023, Table 1: no target EMA, pseudo-Huber, exponential curriculum s0 = 10, s1 = 1280,
+    # weighting 1 / (sigma_{i+1} - sigma_i) (the lognormal noise levels come with the mode itself)
+    "improved_consistency_training": dict(
+        target_ema_mode="fixed", start_ema=0.0, scale_mode="exponential", start_scales=10, end_scales=1280,
+        loss_norm="pseudo-huber", weight_schedule="inverse-step",
+    ),
+    # Geng et al. 2024, the published CIFAR-10 code: target = the online network without gradient,
+    # ||.||_2 (pseudo-Huber with c = 0) weighted by 1 / (t - r)
+    "easy_consistency_tuning": dict(
+        target_ema_mode="fixed", start_ema=0.0, loss_norm="pseudo-huber", huber_c=0.0, weight_schedule="inverse-step",
+    ),
+}
 
 
 def model_and_diffusion_defaults():
@@ -70,7 +94,9 @@ def model_and_diffusion_defaults():
         use_bf16=False,  # bfloat16 torso (no loss scaling needed)
         use_new_attention_order=False,  # accepted for compatibility; the layout is fixed by the checkpoints
         learn_sigma=False,  # 6 output channels (unused by Karras models)
-        weight_schedule="karras",  # loss weighting lambda(sigma)
+        weight_schedule="karras",  # loss weighting lambda(sigma): snr | snr+1 | karras | truncated-snr | uniform | inverse-step
+        time_embed="positional",  # noise-level embedding: positional (published) | fourier (iCT's option)
+        fourier_scale=0.02,  # std of the Fourier frequencies (iCT: 0.02; NCSN++: 16)
     )
 
 
@@ -112,6 +138,8 @@ def create_model(
     use_new_attention_order=False,
     num_classes=NUM_CLASSES,
     use_bf16=False,
+    time_embed="positional",
+    fourier_scale=0.02,
 ):
     return UNetModel(
         image_size=image_size,
@@ -132,6 +160,8 @@ def create_model(
         use_scale_shift_norm=use_scale_shift_norm,
         resblock_updown=resblock_updown,
         use_new_attention_order=use_new_attention_order,
+        time_embed=time_embed,
+        fourier_scale=fourier_scale,
     )
 
 
@@ -159,6 +189,8 @@ def create_model_and_diffusion(
     loss_norm="lpips",
     num_classes=NUM_CLASSES,
     use_bf16=False,
+    time_embed="positional",
+    fourier_scale=0.02,
 ):
     """The U-Net and its KarrasDenoiser. Unlike the published function, `loss_norm` reaches the
     denoiser (the published one dropped it, so LPIPS was always used)."""
@@ -181,6 +213,8 @@ def create_model_and_diffusion(
         use_new_attention_order=use_new_attention_order,
         num_classes=num_classes,
         use_bf16=use_bf16,
+        time_embed=time_embed,
+        fourier_scale=fourier_scale,
     )
     diffusion = KarrasDenoiser(
         sigma_data=0.5,
@@ -241,6 +275,8 @@ def train_defaults():
         gpus_per_node=0,  # GPUs the ranks of one node share (0: all visible)
         log_dir="",  # run folder; empty: $OPENAI_LOGDIR, else runs/<time>
         progress=True,  # progress bar (log tables then go to log.txt and progress.csv only)
+        channels_last=False,  # fast path: run the networks in the channels_last (NHWC) memory format
+        compile=False,  # fast path: torch.compile the networks (compiles on the first steps)
     )
 
 

@@ -25,8 +25,16 @@ from tqdm.auto import tqdm
 
 from . import dist_util, logger
 from .checkpoints import atomic_save, state_dict_mismatch
-from .ema import EMASet, update_ema
-from .schedule import index_to_sigma
+from .ema import EMASet
+from .fast_paths import apply_fast_paths
+from .schedule import (
+    ect_r,
+    ect_stage,
+    index_to_sigma,
+    inverse_cdf_indices,
+    lognormal_index_probabilities,
+    lognormal_sigmas,
+)
 
 INITIAL_LOG_LOSS_SCALE = 20.0  # published: lg_loss_scale climbs to 20-21 within ~1K ImageNet steps
 
@@ -51,6 +59,10 @@ class StepRandom:
     def randint(self, low, high):
         return torch.randint(low, high, (self.global_batch,), generator=self.gen, device=self.device)[self.rows]
 
+    def rand(self):
+        """One uniform number in [0, 1) per sample."""
+        return torch.rand(self.global_batch, generator=self.gen, device=self.device)[self.rows]
+
 
 def sample_edm_sigmas(schedule_sampler, rand, diffusion):
     """Training noise levels of the EDM loss.
@@ -58,7 +70,7 @@ def sample_edm_sigmas(schedule_sampler, rand, diffusion):
     uniform: a uniform index of the diffusion's num_timesteps-point Karras grid (the published
     sampler handed the integer index itself to the loss as sigma; we use the grid's sigma)."""
     if schedule_sampler == "lognormal":
-        return torch.exp(-1.2 + 1.2 * rand.randn())
+        return lognormal_sigmas(rand.randn(), -1.2, 1.2)
     if schedule_sampler == "uniform":
         n = diffusion.num_timesteps
         return index_to_sigma(rand.randint(0, n).float(), n, diffusion.sigma_min, diffusion.sigma_max, diffusion.rho)
@@ -94,35 +106,38 @@ class Precision:
     def backward(self, loss):
         (loss * 2**self.lg_loss_scale if self.mode == "fp16" else loss).backward()
 
-    def norms(self):
-        """(gradient norm, parameter norm) of the master weights, as device tensors (no sync)."""
+    def grad_norm(self):
+        """The gradient norm of the master weights, as a device tensor (no sync)."""
         grads = [p.grad for p in self.master_params if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
-        param_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.detach() for p in self.master_params])))
-        return grad_norm, param_norm
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+
+    def param_norm(self):
+        """The norm of the master weights, as a device tensor (read when logging only: a pass over
+        every weight costs as much as an EMA update)."""
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.detach() for p in self.master_params])))
 
     def optimize(self, opt):
-        """Take the optimiser step; returns (took_step, grad_norm, param_norm). fp16 skips a step whose
-        gradients overflowed and halves the loss scale; otherwise the scale grows slowly."""
+        """Take the optimiser step; returns (took_step, grad_norm). fp16 skips a step whose gradients
+        overflowed and halves the loss scale (its one host-device synchronisation per step, as
+        published); otherwise the scale grows slowly."""
         if self.mode != "fp16":
-            grad_norm, param_norm = self.norms()
+            grad_norm = self.grad_norm()
             opt.step()
-            return True, grad_norm, param_norm
+            return True, grad_norm
         scale = 2**self.lg_loss_scale
         for master, p in zip(self.master_params, self.model_params):
             master.grad = p.grad.float() if p.grad is not None else torch.zeros_like(master)
-        grad_norm, param_norm = self.norms()
-        grad_norm = grad_norm / scale
+        grad_norm = self.grad_norm() / scale
         if not torch.isfinite(grad_norm):
             self.lg_loss_scale -= 1
             logger.log(f"found inf/NaN gradients, skipped the step; lg_loss_scale now {self.lg_loss_scale}")
             self.zero_grad()
-            return False, grad_norm, param_norm
+            return False, grad_norm
         torch._foreach_mul_([p.grad for p in self.master_params], 1.0 / scale)
         opt.step()
         self.master_to_model()
         self.lg_loss_scale += self.fp16_scale_growth
-        return True, grad_norm, param_norm
+        return True, grad_norm
 
     @torch.no_grad()
     def master_to_model(self):
@@ -203,6 +218,8 @@ class TrainLoop:
         seed=0,
         config=None,
         progress=True,
+        channels_last=False,
+        compile=False,
     ):
         self.model = model
         self.diffusion = diffusion
@@ -221,6 +238,7 @@ class TrainLoop:
         self.seed = seed
         self.config = config
         self.progress = progress
+        self.fast_paths = dict(channels_last=channels_last, compile=compile)  # cm.fast_paths switches
         self.device = dist_util.dev()
         self.rank, self.world_size = dist_util.get_rank(), dist_util.get_world_size()
         self.global_batch = batch_size * self.world_size
@@ -235,6 +253,7 @@ class TrainLoop:
             self._load_model(resume_path)
             self.resumed_step = self.step
         dist_util.sync_params(model.parameters())  # every rank starts from rank 0's weights
+        apply_fast_paths([model], **self.fast_paths)  # before any copy of the weights is made
         mode = "fp16" if use_fp16 else "bf16" if use_bf16 else "fp32"
         self.precision = Precision(model, mode, fp16_scale_growth)  # (fp16 converts before DDP sees the model)
         self.ddp_model = self._wrap_ddp(model)
@@ -391,9 +410,8 @@ class TrainLoop:
                 self.precision.backward(loss * ((j - i) / n))
             for key, value in losses.items():
                 self.means.add(key, value.float().mean())
-        took, grad_norm, param_norm = self.precision.optimize(self.opt)
+        took, grad_norm = self.precision.optimize(self.opt)
         self.means.add("grad_norm", grad_norm)
-        self.means.add("param_norm", param_norm)
         if took:
             self.after_optimizer_step()
             self.step += 1
@@ -406,8 +424,8 @@ class TrainLoop:
     def _track_finite(self, loss):
         if self.precision.mode == "fp16":
             return  # fp16 skips the steps whose gradients overflow instead
-        step = torch.tensor(self.step, device=loss.device)
-        bad = torch.where(torch.isfinite(loss), torch.tensor(2**62, device=loss.device), step)
+        # scalars, not torch.tensor(..., device=...): a host-to-device copy would synchronise the GPU
+        bad = torch.where(torch.isfinite(loss), 2**62, self.step)
         self.first_bad_step = bad if self.first_bad_step is None else torch.minimum(self.first_bad_step, bad)
 
     def _check_finite(self):
@@ -429,6 +447,7 @@ class TrainLoop:
     def log_step(self, images_per_second):
         for key, value in self.means.pop().items():
             logger.logkv(key, value)
+        logger.logkv("param_norm", self.precision.param_norm().item())  # at this step (equal on every rank)
         logger.logkv("step", self.step)
         logger.logkv("samples", self.step * self.global_batch)
         logger.logkv("lr", self.current_lr())
@@ -445,11 +464,12 @@ class TrainLoop:
 
     def params_state_dict(self, params, model=None):
         """`model`'s state dict (default: the trained model) with float32 copies of `params`
-        (master, EMA or target tensors) in place of its parameters, and the run's config attached."""
+        (master, EMA or target tensors) in place of its parameters, and the run's config attached.
+        Saved in the default memory format whatever the run's (--channels_last)."""
         model = model or self.model
         state = model.state_dict()
         for (name, _), p in zip(model.named_parameters(), params):
-            state[name] = p.detach().float().clone()
+            state[name] = p.detach().float().clone(memory_format=torch.contiguous_format)
         return with_config(state, self.config)
 
     def training_state(self):
@@ -483,20 +503,30 @@ class TrainLoop:
         dist_util.barrier()
 
 
-CM_TRAINING_MODES = ("consistency_distillation", "consistency_training", "progdist")
+CM_TRAINING_MODES = (
+    "consistency_distillation",
+    "consistency_training",
+    "progdist",
+    "improved_consistency_training",
+    "easy_consistency_tuning",
+)
+TEACHER_MODES = ("consistency_distillation", "progdist")  # their loss runs a teacher network
+EDM_START_MODES = TEACHER_MODES + ("easy_consistency_tuning",)  # they need an EDM checkpoint (ECT: to start from)
 
 
 def check_training_mode(training_mode, has_teacher=None):
     """One clear error for an unknown consistency training mode, or (when `has_teacher` is given) a
-    distillation mode without a teacher."""
+    mode that needs an EDM checkpoint without one."""
     if training_mode not in CM_TRAINING_MODES:
         raise ValueError(f"unknown --training_mode {training_mode}; choose one of {', '.join(CM_TRAINING_MODES)}")
-    if training_mode != "consistency_training" and has_teacher is False:
+    if training_mode in EDM_START_MODES and has_teacher is False:
         raise ValueError(f"--training_mode {training_mode} needs --teacher_model_path (an EDM checkpoint)")
 
 
 class CMTrainLoop(TrainLoop):
-    """Consistency distillation, consistency training and progressive distillation."""
+    """Consistency distillation, consistency training, progressive distillation, improved consistency
+    training (iCT: CT on noise levels from the discretised lognormal) and easy consistency tuning (ECT:
+    continuous t ~ lognormal and r(t) from the stage schedule; the model starts as an EDM model)."""
 
     def __init__(
         self,
@@ -508,9 +538,21 @@ class CMTrainLoop(TrainLoop):
         ema_scale_fn,
         total_training_steps,
         teacher_solver="heun",
+        p_mean=-1.1,
+        p_std=2.0,
+        ect_q=2.0,
+        ect_k=8.0,
+        ect_b=1.0,
+        ect_stage_steps=25000,
         **kwargs,
     ):
-        check_training_mode(training_mode, teacher_model is not None)
+        check_training_mode(training_mode, teacher_model is not None if training_mode in TEACHER_MODES else None)
+        if training_mode == "easy_consistency_tuning" and not (ect_q > 1 and ect_stage_steps >= 1):
+            raise ValueError(f"ECT needs --ect_q > 1 and --ect_stage_steps >= 1, got {ect_q} and {ect_stage_steps}")
+        if p_std <= 0:
+            raise ValueError(f"--p_std must be positive, got {p_std}")
+        self.p_mean, self.p_std = p_mean, p_std
+        self.ect_q, self.ect_k, self.ect_b, self.ect_stage_steps = ect_q, ect_k, ect_b, ect_stage_steps
         self.target_model = target_model
         self.teacher_model = teacher_model
         self.teacher_diffusion = teacher_diffusion
@@ -541,6 +583,7 @@ class CMTrainLoop(TrainLoop):
             teacher_file = resume_path and self._companion(resume_path, f"teacher_model{self.step:06d}.pt")
             if self.training_mode == "progdist" and teacher_file:
                 self._load_into(self.teacher_model, teacher_file, "teacher")
+        apply_fast_paths([self.target_model, self.teacher_model], **self.fast_paths)
 
     def checkpoint_names(self, step):
         names = super().checkpoint_names(step)
@@ -563,10 +606,21 @@ class CMTrainLoop(TrainLoop):
 
     def draw_step_random(self, batch):
         rand = StepRandom(self.seed, self.step, self.rank, self.world_size, batch.shape[0], self.device)
+        noise = rand.randn(*batch.shape[1:])
+        if self.training_mode == "easy_consistency_tuning":
+            # ECT: t ~ lognormal(P_mean, P_std^2) in continuous time, r = r(t) at this step's stage
+            t = lognormal_sigmas(rand.randn(), self.p_mean, self.p_std)
+            r = ect_r(t, ect_stage(self.step, self.ect_stage_steps), self.ect_q, self.ect_k, self.ect_b)
+            return {"noise": noise, "t": t, "r": r}
         _, num_scales = self.ema_scale_fn(self.step)
+        if self.training_mode == "improved_consistency_training":
+            # iCT: the pair (t_n, t_{n+1}) drawn from the lognormal's mass between them, by inverse CDF
+            d = self.diffusion
+            probs = lognormal_index_probabilities(num_scales, d.sigma_min, d.sigma_max, d.rho, self.p_mean, self.p_std)
+            return {"noise": noise, "indices": inverse_cdf_indices(probs, rand.rand())}
         # CD/CT pick n in 0..N-2 (pairs t_n, t_{n+1}); progressive distillation n in 0..N-1
         high = num_scales if self.training_mode == "progdist" else num_scales - 1
-        return {"noise": rand.randn(*batch.shape[1:]), "indices": rand.randint(0, high)}
+        return {"noise": noise, "indices": rand.randint(0, high)}
 
     def compute_losses(self, micro, cond, rand_rows):
         _, num_scales = self.ema_scale_fn(self.step)
@@ -577,6 +631,11 @@ class CMTrainLoop(TrainLoop):
                 self.ddp_model, micro, num_scales, model_kwargs=cond, teacher_model=self.teacher_model,
                 teacher_diffusion=self.teacher_diffusion, noise=rand_rows["noise"], indices=rand_rows["indices"],
             )
+        if self.training_mode == "easy_consistency_tuning":
+            return self.diffusion.ect_losses(
+                self.ddp_model, micro, rand_rows["t"], rand_rows["r"], model_kwargs=cond,
+                target_model=self.target_model, noise=rand_rows["noise"],
+            )
         teacher = self.teacher_model if self.training_mode == "consistency_distillation" else None
         return self.diffusion.consistency_losses(
             self.ddp_model, micro, num_scales, model_kwargs=cond, target_model=self.target_model,
@@ -585,9 +644,9 @@ class CMTrainLoop(TrainLoop):
         )
 
     def after_optimizer_step(self):
-        super().after_optimizer_step()
         target_ema, _ = self.ema_scale_fn(self.step)
-        update_ema(self.target_master, self.precision.master_params, target_ema)
+        # the sampling EMAs and the target network in one fused update
+        self.ema.update(self.precision.master_params, also=[(self.target_master, target_ema)])
         if self.precision.mode == "fp16":
             with torch.no_grad():
                 for p, master in zip(self.target_model.parameters(), self.target_master):
@@ -623,4 +682,7 @@ class CMTrainLoop(TrainLoop):
     def log_extra(self):
         target_ema, num_scales = self.ema_scale_fn(self.step)
         logger.logkv("target_ema", target_ema)
-        logger.logkv("num_scales", num_scales)
+        if self.training_mode == "easy_consistency_tuning":
+            logger.logkv("ect_stage", ect_stage(self.step, self.ect_stage_steps))
+        else:
+            logger.logkv("num_scales", num_scales)

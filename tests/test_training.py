@@ -186,12 +186,12 @@ def test_fp16_skips_a_step_with_overflowing_gradients():
     before = [p.detach().clone() for p in precision.master_params]
     x = torch.ones(1, 3, 2, 2, dtype=torch.float16)
     precision.backward(model(x).float().sum() * float("inf"))
-    took, _, _ = precision.optimize(opt)
+    took, _ = precision.optimize(opt)
     assert not took and precision.lg_loss_scale == 3.0
     assert all(torch.equal(a, b) for a, b in zip(before, precision.master_params))
     precision.zero_grad()
     precision.backward(model(x).float().sum())
-    took, grad_norm, _ = precision.optimize(opt)
+    took, grad_norm = precision.optimize(opt)
     assert took and precision.lg_loss_scale == pytest.approx(3.001)
     # the unscaled gradient of sum(w x + b) over 4 pixels: 4 per weight and bias entry
     assert grad_norm.item() == pytest.approx((12 * 16) ** 0.5, rel=1e-3)
