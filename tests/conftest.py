@@ -39,3 +39,12 @@ def randomize(model, std=0.05, seed=0):
 def tiny_model_and_diffusion():
     model, diffusion = create_model_and_diffusion(**tiny_config(), distillation=True)
     return randomize(model).eval(), diffusion
+
+
+@pytest.fixture
+def batch():
+    """Images in [-1, 1], noise and labels for the loss tests, in float64."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 16, 16, generator=gen, dtype=torch.float64) * 2 - 1
+    z = torch.randn(3, 3, 16, 16, generator=gen, dtype=torch.float64)
+    return x, z, torch.tensor([1, 4, 7])

@@ -117,14 +117,6 @@ def test_pseudo_huber_value_and_gradient_with_given_c(c):
     assert torch.autograd.gradcheck(lambda x: distance(x, b, "pseudo-huber", huber_c=c), (a.detach().requires_grad_(),))
 
 
-@pytest.fixture
-def batch():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(3, 3, 16, 16, generator=gen, dtype=torch.float64) * 2 - 1
-    z = torch.randn(3, 3, 16, 16, generator=gen, dtype=torch.float64)
-    return x, z, torch.tensor([1, 4, 7])
-
-
 def double_model(distillation, **kw):
     model, diffusion = create_model_and_diffusion(**tiny_config(**kw), distillation=distillation, loss_norm="pseudo-huber")
     return randomize(model).double().eval(), diffusion

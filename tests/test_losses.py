@@ -28,14 +28,6 @@ def f_explicit(model, x, sigma, y, sigma_min=0.002, boundary=True, sd=0.5):
     return c_skip * x + c_out * model(c_in * x, 250 * torch.log(sigma), y)
 
 
-@pytest.fixture
-def batch():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(3, 3, 16, 16, generator=gen, dtype=torch.float64) * 2 - 1
-    z = torch.randn(3, 3, 16, 16, generator=gen, dtype=torch.float64)
-    return x, z, torch.tensor([1, 4, 7])
-
-
 def test_ct_loss_with_two_scales(batch):
     # N = 2: the only pair is (t_0, t_1) = (sigma_max, sigma_min); CT's Euler step with x itself
     # lands on x + sigma_min z, and the boundary condition makes the target exactly that point.
