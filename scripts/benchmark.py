@@ -561,7 +561,7 @@ def targets(rows):
                 samples[best]["images_per_s"] / samples[theirs]["images_per_s"], 1.5, [best, theirs])
             for n in ours:
                 twin = n.replace("/cm/", "/diffusers/")
-                if twin in samples and twin != theirs:
+                if twin in samples:
                     add(f"one-step sampling ({config}), same settings: ours / diffusers images/s",
                         samples[n]["images_per_s"] / samples[twin]["images_per_s"], 1.0, [n, twin])
         fp32 = _find(rows, f"sample/{config}/cm/onestep/fp32")
