@@ -31,21 +31,28 @@ def state_dict_mismatch(model, state_dict, limit=10):
     return lines
 
 
-def load_model_weights(model, path):
-    """Load the plain state dict at `path` (or the U-Net of the diffusers folder at `path`) into
-    `model` (strict); a checkpoint that does not fit
-    raises one error naming the differing keys and shapes and the likely fix."""
+def read_model_state(path):
+    """The model state dict at `path`: a plain state dict (or one under "model"), or the U-Net of the
+    diffusers folder at `path`; an unreadable file raises one error saying so."""
     if os.path.isdir(path):  # a diffusers ConsistencyModelPipeline / UNet2DModel folder
         from .diffusers_convert import load_folder
 
-        state_dict = load_folder(path)[0]
-    else:
-        try:
-            state_dict = dist_util.load_state_dict(path, map_location="cpu")
-        except (RuntimeError, EOFError, ValueError) as err:
-            raise ValueError(f"cannot read checkpoint {path} (truncated or not a PyTorch state dict): {err}") from err
+        return load_folder(path)[0]
+    try:
+        state_dict = dist_util.load_state_dict(path, map_location="cpu")
+    except (RuntimeError, EOFError, ValueError) as err:
+        raise ValueError(f"cannot read checkpoint {path} (truncated or not a PyTorch state dict): {err}") from err
     if isinstance(state_dict, dict) and "model" in state_dict and isinstance(state_dict["model"], dict):
         state_dict = state_dict["model"]
+    return state_dict
+
+
+def load_model_weights(model, path, state_dict=None):
+    """Load the model state at `path` (read_model_state; or `state_dict`, already read from `path`)
+    into `model` (strict); a checkpoint that does not fit raises one error naming the differing keys
+    and shapes and the likely fix."""
+    if state_dict is None:
+        state_dict = read_model_state(path)
     problems = state_dict_mismatch(model, state_dict)
     if problems:
         raise ValueError(

@@ -18,7 +18,7 @@ from cm import logger
 from cm.atomic import atomic_write_text
 from cm.checkpoints import atomic_save, load_model_weights
 from cm.diffusers_convert import load_folder
-from cm.script_util import create_model, run_cli
+from cm.script_util import create_model_and_diffusion, run_cli
 from cm.train_util import with_config
 
 
@@ -44,7 +44,7 @@ def main(argv=None):
     if not args.output.endswith(".pt"):
         raise ValueError(f"--output {args.output} should end in .pt (the preset is written beside it as .json)")
     state, flags, steps, extra = load_folder(local_folder(args.diffusers_path))
-    model = create_model(**{k: v for k, v in flags.items() if k not in ("sigma_min", "sigma_max", "weight_schedule")})
+    model, _ = create_model_and_diffusion(**flags)
     model.load_state_dict(state, strict=True)
     config = dict(flags, steps=steps, converted_from=args.diffusers_path, **extra)
     atomic_save(with_config(state, config), args.output)

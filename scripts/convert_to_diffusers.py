@@ -13,30 +13,26 @@ in increasing priority. The pipeline's `timesteps` for this model's --ts are pri
 
 import json
 
-from cm import dist_util, logger
+from cm import logger
 from cm.config import parse_args_with_config
-from cm.checkpoints import load_model_weights
+from cm.checkpoints import load_model_weights, read_model_state
 from cm.diffusers_convert import diffusers_timesteps, save_pipeline
 from cm.sample_util import parse_int_list, sampling_argparser
-from cm.script_util import args_to_dict, create_model, model_and_diffusion_defaults, run_cli
+from cm.script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults, run_cli
 from cm.train_util import checkpoint_config
 
 
-def checkpoint_model_flags(path):
+def stored_model_flags(state_dict):
     """The model flags stored in a checkpoint of this project ({} for published or foreign files)."""
-    if not path or path.endswith("/") or not path.endswith(".pt"):
-        return {}
-    try:
-        config = checkpoint_config(dist_util.load_state_dict(path, map_location="cpu")) or {}
-    except (OSError, RuntimeError, EOFError, ValueError):
-        return {}  # load_model_weights reports an unreadable file with its own message
+    config = checkpoint_config(state_dict) or {}
     return {k: v for k, v in config.items() if k in model_and_diffusion_defaults()}
 
 
 def main(argv=None):
     parser = create_argparser()
     known, _ = parser.parse_known_args(argv)
-    parser.set_defaults(**checkpoint_model_flags(known.model_path))
+    state = read_model_state(known.model_path) if known.model_path else None  # read once, a checkpoint can be GBs
+    parser.set_defaults(**stored_model_flags(state))
     args = parse_args_with_config(parser, argv, "convert_to_diffusers.py", also=("image_sample.py",))
     if not args.model_path or not args.output_dir:
         raise ValueError("pass --model_path (the checkpoint) and --output_dir (the diffusers folder to write)")
@@ -47,8 +43,8 @@ def main(argv=None):
             "consistency_distillation, or a sample_cd_*/sample_ct_* preset)"
         )
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
-    model = create_model(**{k: v for k, v in flags.items() if k not in ("sigma_min", "sigma_max", "weight_schedule")})
-    load_model_weights(model, args.model_path)
+    model, _ = create_model_and_diffusion(**flags)
+    load_model_weights(model, args.model_path, state if args.model_path == known.model_path else None)
     extra = {"training_mode": args.training_mode, "sampler": args.sampler}
     timesteps = None
     if args.sampler == "multistep" and args.ts:
