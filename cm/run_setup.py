@@ -8,13 +8,16 @@ import torch
 from . import dist_util, logger
 from .atomic import atomic_write_text
 from .image_datasets import load_data
+from .precision import resolve_precision_args
 
 
 def start_run(args):
-    """Join the process group, open the run folder, seed every rank alike (identical initial
-    weights), print the resolved config and save it as config.json; returns the config dict."""
+    """Join the process group, open the run folder, choose the precision (cm.precision), seed every
+    rank alike (identical initial weights), print the resolved config and save it as config.json;
+    returns the config dict."""
     dist_util.setup_dist(device=args.device or None, gpus_per_node=args.gpus_per_node or None)
     logger.configure(args.log_dir or None)
+    resolve_precision_args(args, dist_util.dev(), log=logger.log)
     torch.manual_seed(args.seed)
     config = dict(vars(args))
     logger.log("config: " + json.dumps(config, sort_keys=True, default=str))

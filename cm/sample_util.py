@@ -1,8 +1,9 @@
 """Drawing large sample batches: rounds over all processes, samples in global order, resumable shards.
 
-Sample i is the same whatever the batch size and number of processes: round r covers global
-samples [done, done + world * b), row j of rank k is global sample done + k + j * world, and the
-generator is moved to `done` before each round (cm.random_util). After each round rank 0 writes
+Sample i has the same label and random numbers whatever the batch size and number of processes
+(and so the same image up to float rounding: kernels round differently at other batch sizes):
+round r covers global samples [done, done + world * b), row j of rank k is global sample
+done + k + j * world, and the generator is moved to `done` before each round (cm.random_util). After each round rank 0 writes
 the round's images as a shard file; a killed run started again with the same settings continues
 after its last complete shard, and the final batch equals an uninterrupted run's.
 """
@@ -24,6 +25,7 @@ from .atomic import atomic_write_text
 from .checkpoints import load_model_weights
 from .fast_paths import apply_fast_paths
 from .image_io import save_npz, to_uint8_nhwc
+from .precision import resolve_precision_args
 from .random_util import get_generator
 from .samplers import karras_sample
 from .script_util import add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
@@ -51,6 +53,7 @@ def sampling_argparser(description, **script_defaults):
         log_dir="",  # output folder; empty: $OPENAI_LOGDIR, else runs/<time>
         channels_last=False,  # fast path: run the network in the channels_last (NHWC) memory format
         compile=False,  # fast path: torch.compile the network (compiles on the first batch)
+        precision="auto",  # auto | fp32 | bf16 | fp16 of the torso; auto: bf16 where the device runs it natively
     )
     defaults.update(model_and_diffusion_defaults())
     defaults.update(script_defaults)
@@ -62,7 +65,7 @@ def sampling_argparser(description, **script_defaults):
 # the flags that decide what the samples are (a resumed run must agree on them)
 SAMPLE_SETTINGS = (
     "training_mode", "generator", "clip_denoised", "num_samples", "sampler", "s_churn", "s_tmin", "s_tmax",
-    "s_noise", "steps", "model_path", "seed", "ts", "class_labels", "sigma_min", "sigma_max",
+    "s_noise", "steps", "model_path", "seed", "ts", "class_labels", "sigma_min", "sigma_max", "precision",
 )
 
 
@@ -89,7 +92,9 @@ def check_sampling_args(args):
 
 
 def load_sampling_model(args):
-    """The model and its denoiser from the flags, weights loaded, on this rank's device, in eval mode."""
+    """The model and its denoiser from the flags, weights loaded, on this rank's device, in eval mode,
+    its torso in the precision chosen for this device (cm.precision; resolved into the flags)."""
+    resolve_precision_args(args, dist_util.dev(), log=logger.log)
     # every consistency model uses the boundary-condition scalings; EDM models do not
     distillation = "consistency" in args.training_mode
     model, diffusion = create_model_and_diffusion(

@@ -268,6 +268,7 @@ def train_defaults():
         save_interval=10000,  # steps between checkpoints
         resume_checkpoint="",  # modelNNNNNN.pt to resume from (default: the newest complete one in the log folder)
         use_fp16=False,
+        precision="auto",  # auto | fp32 | bf16 | fp16; auto: bf16 where the device runs it natively (cm.precision)
         fp16_scale_growth=1e-3,  # growth of log2(loss scale) per successful fp16 step
         seed=0,  # model initialisation, data order and training noise
         random_flip=True,  # horizontal-flip augmentation

@@ -50,6 +50,7 @@ from cm.config import load_preset  # noqa: E402
 from cm.ema import EMASet, update_ema, update_emas  # noqa: E402
 from cm.fast_paths import apply_fast_paths  # noqa: E402
 from cm.image_datasets import load_data  # noqa: E402
+from cm.precision import detect_hardware  # noqa: E402
 from cm.random_util import get_generator  # noqa: E402
 from cm.samplers import karras_sample  # noqa: E402
 from cm.script_util import create_ema_and_scales_fn, create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
@@ -601,8 +602,9 @@ def fmt(value, digits=3):
 def table(result):
     rows, lines = result["rows"], []
     ceilings = {r["dtype"]: r["flops_per_s"] for n, r in rows.items() if n.startswith("ceiling/") and "error" not in r}
-    lines.append(f"device: {result['machine']['device']}   torch {result['machine']['torch']}   "
-                 f"threads {result['machine']['threads']}")
+    info = result["machine"]
+    lines.append(f"device: {info['device']}   cpu: {info.get('cpu')} ({info.get('cpu_capability', '?')}, "
+                 f"bf16 {info.get('cpu_bf16', '?')})   threads {info['threads']}   torch {info['torch']}")
     lines.append("matmul ceilings: " + ", ".join(f"{d} {v / 1e12:.3g} TFLOP/s" for d, v in ceilings.items()))
     for name, row in rows.items():
         if name.startswith("flops/") and "error" not in row:
@@ -634,14 +636,12 @@ def table(result):
 
 
 def machine(device, threads):
+    """Where the figures come from: the CPU model and its vector/matrix capability (PyTorch's own
+    detection), whether it runs bf16 natively, the thread count, torch; the GPU's name on GPUs."""
+    cpu = detect_hardware("cpu")
     info = dict(device=str(device), torch=torch.__version__, python=platform.python_version(), threads=threads,
-                cpu=platform.processor() or platform.machine())
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        info["cpu"], info["cpu_count"] = names[0], len(names)
-    except (OSError, IndexError):
-        pass
+                cpu=cpu.name, cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                cpu_bf16=cpu.bf16_instructions() or "emulated (no AMX or AVX512-BF16)", cpu_count=os.cpu_count())
     if device.type == "cuda":
         info["device"] = torch.cuda.get_device_name(device)
     try:
@@ -651,6 +651,14 @@ def machine(device, threads):
     except ImportError:
         info["diffusers"] = None
     return info
+
+
+def emulated_bf16_skip(device, kwargs):
+    """The skip message of a bf16 row on a CPU that emulates bf16 (minutes per row, meaningless), else None."""
+    uses_bf16 = kwargs.get("precision") == "bf16" or kwargs.get("dtype") == "bf16"
+    if uses_bf16 and device.type == "cpu" and not detect_hardware("cpu").cpu_native_bf16:
+        return "skipped: this CPU emulates bf16 (no AMX or AVX512-BF16)"
+    return None
 
 
 def main(argv=None):
@@ -684,6 +692,8 @@ def main(argv=None):
     for name, kind, kwargs in plan(args, device):
         if args.budget_s and time.time() - start > args.budget_s:
             record = {"error": f"skipped: the {args.budget_s:.0f} s budget was spent"}
+        elif emulated_bf16_skip(device, kwargs):
+            record = {"error": emulated_bf16_skip(device, kwargs)}
         elif kind == "sample" and kwargs["impl"] == "diffusers" and not diffusers_available():
             record = {"error": "skipped: diffusers (and cm.diffusers_convert) not installed"}
         elif device.type == "cuda":

@@ -15,6 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from cm import logger, losses
 from cm.ema import update_ema, update_emas
 from cm.fast_paths import apply_fast_paths, check_compile_available
+from cm.precision import detect_hardware
 from cm.script_util import create_ema_and_scales_fn, create_model_and_diffusion
 from cm.train_util import CMTrainLoop
 from cm.unet import QKVAttention
@@ -52,11 +53,17 @@ def test_quick_benchmark_writes_sane_json(quick_result):
                 "train/tiny/cd/fp32", "train/tiny/ct/bf16+cl", "sample/tiny/cm/onestep/fp32",
                 "sample/tiny/cm/twostep/bf16+cl", "sample/tiny/cm/onestep/fp32+math_attention", "ema/tiny/fused",
                 "ema/tiny/per_average", "param_update/tiny", "target_forward/tiny/inference_mode", "data/digits"]
+    assert {"cpu", "cpu_capability", "cpu_bf16"} <= set(quick_result["machine"])
+    native_bf16 = detect_hardware("cpu").cpu_native_bf16
     for name in expected:
-        assert name in rows and "error" not in rows[name], (name, rows.get(name))
+        assert name in rows, name
+        if "bf16" in name and not native_bf16:  # emulated bf16 is skipped, and says so
+            assert rows[name]["error"].startswith("skipped: this CPU emulates bf16"), (name, rows[name])
+        else:
+            assert "error" not in rows[name], (name, rows.get(name))
     for name, row in rows.items():
         if "error" in row:
-            assert row["error"].startswith("skipped: diffusers"), (name, row["error"])
+            assert row["error"].startswith(("skipped: diffusers", "skipped: this CPU emulates bf16")), (name, row["error"])
             continue
         assert row["peak_mem_mb"] >= 0
         for key in ("images_per_s", "flops_per_s", "update_s"):
@@ -71,7 +78,7 @@ def test_quick_benchmark_writes_sane_json(quick_result):
     for mode, low, high in (("ct", 3, 4), ("cd", 5, 6)):
         row = rows[f"train/tiny/{mode}/fp32"]
         assert low * forward * row["batch"] < row["flops_per_step"] <= high * forward * row["batch"]
-    two = rows["sample/tiny/cm/twostep/bf16+cl"]
+    two = rows["sample/tiny/cm/twostep/bf16+cl" if native_bf16 else "sample/tiny/cm/twostep/fp32"]
     assert two["flops_per_batch"] == 2 * forward * two["batch"]
     assert quick_result["targets"] == []  # set for the demo and ImageNet-64 configurations only
 

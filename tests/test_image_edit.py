@@ -18,12 +18,10 @@ from cm.image_datasets import load_digits_arrays
 from cm.script_util import create_model_and_diffusion
 
 from conftest import randomize, tiny_config
+from test_scripts import TINY_FLAGS as TINY_SCRIPT_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_FLAGS = (
-    "--image_size 16 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 --attention_resolutions 8 "
-    "--num_head_channels 16 --class_cond True --num_classes 10 --resblock_updown True"
-).split()
+TINY_FLAGS = TINY_SCRIPT_FLAGS.split()
 EDIT_FLAGS = ["--ts", "0,5,9", "--steps", "10"]
 LUMA = np.array([0.2989, 0.5870, 0.1140])
 BOX_KNOWN = np.ones((16, 16), dtype=bool)
