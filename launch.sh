@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The published experiments by name, and the embedded demo.
 #
-#   bash launch.sh demo                                   # CPU demo on the embedded digits (about 11 minutes)
+#   bash launch.sh demo                                   # CPU demo on the embedded digits (4 to 7 minutes on 2 cores)
 #   bash launch.sh compare                                # CT vs iCT vs ECT on the digits (about 30 minutes)
 #   bash launch.sh list                                   # every preset, with what it runs
 #   bash launch.sh ct_imagenet64 --data_dir /data/imagenet64          # one process

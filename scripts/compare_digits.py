@@ -11,7 +11,7 @@
    cost the same per step, CT and iCT keep their runs of 2 (their measured seconds show how close they
    came), and ECT trains anew for the budget minus the teacher's training time, converted to steps at
    CT's measured seconds per step, with its stage length fitted to the new length.
-4. Samples every model one-step and two-step (the demo's sampling presets, ts 0,10,20 of 21) and the
+4. Samples every model one-step and two-step (presets compare_sample_*, ts 0,10,20 of 21) and the
    teacher with Heun (18 steps, 35 evaluations) for reference, and evaluates them against the real
    digits with the digits feature extractor: FID, precision, recall, class accuracy.
 
@@ -81,7 +81,7 @@ def draw(model_path, out_dir, kind, num_samples):
     (an EDM model, 18 Heun steps); returns the .npz path (kept, so a rerun skips it)."""
     npz = os.path.join(out_dir, f"samples_{num_samples}x16x16x3.npz")
     if not os.path.exists(npz):
-        preset = "demo_sample_twostep" if kind == "twostep" else "demo_sample_onestep"
+        preset = "compare_sample_twostep" if kind == "twostep" else "compare_sample_onestep"
         extra = ["--training_mode", "edm", "--sampler", "heun", "--steps", "18"] if kind == "heun" else []
         image_sample.main(["--config", preset, "--model_path", model_path, "--log_dir", out_dir,
                            "--num_samples", str(num_samples), *extra])
