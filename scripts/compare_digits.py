@@ -76,13 +76,13 @@ def ema_path(run_dir, preset, steps):
     return os.path.join(run_dir, f"ema_{rate}_{steps:06d}.pt")
 
 
-def draw(model_path, out_dir, kind, num_samples):
-    """Samples of every class from `model_path`: kind onestep / twostep (the demo's presets) or heun
-    (an EDM model, 18 Heun steps); returns the .npz path (kept, so a rerun skips it)."""
+def draw(model_path, out_dir, kind, num_samples, heun_steps=18):
+    """Samples of every class from `model_path`: kind onestep / twostep (presets compare_sample_*) or heun
+    (an EDM model, `heun_steps` Heun steps); returns the .npz path (kept, so a rerun skips it)."""
     npz = os.path.join(out_dir, f"samples_{num_samples}x16x16x3.npz")
     if not os.path.exists(npz):
         preset = "compare_sample_twostep" if kind == "twostep" else "compare_sample_onestep"
-        extra = ["--training_mode", "edm", "--sampler", "heun", "--steps", "18"] if kind == "heun" else []
+        extra = ["--training_mode", "edm", "--sampler", "heun", "--steps", str(heun_steps)] if kind == "heun" else []
         image_sample.main(["--config", preset, "--model_path", model_path, "--log_dir", out_dir,
                            "--num_samples", str(num_samples), *extra])
     return npz
@@ -131,7 +131,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=1400, help="training steps of CT, iCT and ECT (equal steps)")
     parser.add_argument("--teacher_steps", type=int, default=800, help="EDM teacher training steps")
     parser.add_argument("--num_samples", type=int, default=1000, help="samples per model and sampler")
-    parser.add_argument("--quick", type=str2bool, default=False, help="a few steps and 100 samples (smoke test)")
+    parser.add_argument("--quick", type=str2bool, default=False, help="a few steps, 100 samples, 4 Heun steps (smoke test)")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.teacher_steps, args.num_samples = 4, 4, 100
@@ -198,8 +198,10 @@ def main(argv=None):
                 row["note"] = "the equal-steps run (the same work per step as CT)"
             row["grid"] = not reused
             rows.append(row)
-    heun = draw(teacher_path, run(f"samples/edm_teacher_{args.teacher_steps}steps_heun"), "heun", args.num_samples)
-    rows.append({"round": "reference", "model": "EDM teacher, Heun 35 NFE (both columns)", "steps": args.teacher_steps,
+    heun_steps = 4 if args.quick else 18
+    heun = draw(teacher_path, run(f"samples/edm_teacher_{args.teacher_steps}steps_heun"), "heun", args.num_samples,
+                heun_steps)
+    rows.append({"round": "reference", "model": f"EDM teacher, Heun {2 * heun_steps - 1} NFE (both columns)", "steps": args.teacher_steps,
                  "train_seconds": teacher_seconds, "onestep": evaluate(ref, heun, features="digits")})
     rows[-1]["twostep"] = rows[-1]["onestep"]
     real = evaluate(halves[0], halves[1], features="digits")

@@ -173,9 +173,10 @@ def test_microbatches_take_the_same_step_as_the_whole_batch(tmp_path):
 def test_bf16_and_fp16_runs(tmp_path):
     for flag in ("--use_bf16 True", "--use_fp16 True"):
         out = tmp_path / flag.split()[0][2:]
-        train("cm_train", TRAIN + " " + CT + f" --total_training_steps 4 --log_interval 2 --save_interval 4 {flag}", out)
-        assert all(torch.isfinite(v).all() for v in state(out, 4)["model"].values())
-        assert all(v.dtype == torch.float32 for v in state(out, 4)["model"].values())
+        # two steps: bf16 is emulated (slow) on CPUs without AMX or AVX512-BF16
+        train("cm_train", TRAIN + " " + CT + f" --total_training_steps 2 --log_interval 1 --save_interval 2 {flag}", out)
+        assert all(torch.isfinite(v).all() for v in state(out, 2)["model"].values())
+        assert all(v.dtype == torch.float32 for v in state(out, 2)["model"].values())
 
 
 def test_fp16_skips_a_step_with_overflowing_gradients():
