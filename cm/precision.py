@@ -46,16 +46,21 @@ class Hardware:
         return ", ".join(n for n, has in (("AMX", self.cpu_amx), ("AVX512-BF16", self.cpu_avx512_bf16)) if has)
 
 
-def _cpuinfo_flags():
-    """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
+def _cpuinfo(key):
+    """The value of the first `key` line of /proc/cpuinfo ("flags", "model name"), or None."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def _cpuinfo_flags():
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
+    return set((_cpuinfo("flags") or "").split())
 
 
 def _cpu_feature(torch_probe, cpuinfo_flag):
@@ -84,16 +89,9 @@ def kernels_may_use_bf16():
 
 
 def cpu_model_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     import platform
 
-    return platform.processor() or platform.machine()
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def detect_hardware(device):

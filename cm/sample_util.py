@@ -3,9 +3,10 @@
 Sample i has the same label and random numbers whatever the batch size and number of processes
 (and so the same image up to float rounding: kernels round differently at other batch sizes):
 round r covers global samples [done, done + world * b), row j of rank k is global sample
-done + k + j * world, and the generator is moved to `done` before each round (cm.random_util). After each round rank 0 writes
-the round's images as a shard file; a killed run started again with the same settings continues
-after its last complete shard, and the final batch equals an uninterrupted run's.
+done + k + j * world, and the generator is moved to `done` before each round (cm.random_util).
+After each round rank 0 writes the round's images as a shard file; a killed run started again with
+the same settings continues after its last complete shard, and the final batch equals an
+uninterrupted run's.
 """
 
 import argparse

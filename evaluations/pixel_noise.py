@@ -33,6 +33,10 @@ def high_frequency_energy(npz_path, batch_size=1000):
     return total / count
 
 
-def high_frequency_ratio(ref_npz, sample_npz):
-    """The sample batch's high-frequency energy over the reference batch's."""
-    return high_frequency_energy(sample_npz) / high_frequency_energy(ref_npz)
+def high_frequency_ratio(ref, sample_npz):
+    """The sample batch's high-frequency energy over the reference batch's (`ref`: its .npz, or its
+    energy already computed, so several sample batches need not re-read it)."""
+    ref_energy = ref if isinstance(ref, float) else high_frequency_energy(ref)
+    if ref_energy == 0:
+        raise ValueError(f"the reference batch {ref} has no high-frequency energy (flat images); no ratio to it")
+    return high_frequency_energy(sample_npz) / ref_energy

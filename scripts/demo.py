@@ -34,7 +34,7 @@ from cm.image_io import save_npz  # noqa: E402
 from cm.precision import cpu_model_name  # noqa: E402
 from cm.script_util import run_cli, str2bool  # noqa: E402
 from evaluations.evaluator import evaluate  # noqa: E402
-from evaluations.pixel_noise import high_frequency_ratio  # noqa: E402
+from evaluations.pixel_noise import high_frequency_energy, high_frequency_ratio  # noqa: E402
 
 # What the demo aims for (README "The demo"): one-step samples recognisably of the requested class, an
 # FID (in the digits classifier's features, 1,000 samples against the 1,797 digits; real digits score 7,
@@ -96,6 +96,7 @@ def main(argv=None):
         save_npz(ref_path, images, labels)
 
     results = {}
+    ref_energy = high_frequency_energy(ref_path)
     for k, name in enumerate(("onestep", "twostep")):
         print(f"[{3 + k // 2}/4] {name} sampling", flush=True)
         out = os.path.join(args.log_dir, f"samples_{name}")
@@ -103,7 +104,7 @@ def main(argv=None):
         num = load_preset(f"demo_sample_{name}")["flags"]["num_samples"]
         npz = os.path.join(out, f"samples_{num}x16x16x3.npz")
         results[name] = evaluate(ref_path, npz, features="digits")
-        results[name]["hf_ratio"] = high_frequency_ratio(ref_path, npz)
+        results[name]["hf_ratio"] = high_frequency_ratio(ref_energy, npz)
     print("[4/4] evaluation with the digits feature extractor", flush=True)
     # what real data score: half of the digits (with their labels) against the other half
     halves = [os.path.join(args.log_dir, f"digits_half_{k}.npz") for k in (0, 1)]

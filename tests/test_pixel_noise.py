@@ -34,3 +34,13 @@ def test_ratio_of_two_npz_batches(tmp_path):
     save_npz(str(noisy), noisy_gray(20.0, seed=2))
     assert high_frequency_energy(str(noisy), batch_size=3) == pytest.approx(high_frequency_energy_batch(noisy_gray(20.0, seed=2)).mean())
     assert high_frequency_ratio(str(clean), str(noisy)) == pytest.approx((400 + 1 / 12) / (25 + 1 / 12), rel=0.08)
+
+
+def test_ratio_takes_a_computed_reference_energy_and_refuses_a_flat_reference(tmp_path):
+    sample, flat = tmp_path / "sample.npz", tmp_path / "flat.npz"
+    save_npz(str(sample), noisy_gray(20.0, seed=3))
+    save_npz(str(flat), np.full((2, 16, 16, 3), 40, np.uint8))
+    energy = high_frequency_energy(str(sample))
+    assert high_frequency_ratio(energy / 2, str(sample)) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="no high-frequency energy"):
+        high_frequency_ratio(str(flat), str(sample))
