@@ -1,7 +1,10 @@
 """Named presets (configs/NAME.json) for the scripts: `--config NAME` supplies flag values, and any
 flag given on the command line overrides them.
 
-A preset file: {"script": "cm_train.py", "description": "...", "flags": {"flag": value, ...}}.
+A preset file: {"script": "cm_train.py", "description": "...", "base": "base/imagenet64", "flags": {...}}.
+"base" (optional) names another preset whose flags come first (the preset's own override them); the
+architectures of the published experiments live once each in configs/base/ (a base names no script,
+so any script takes it, and `bash launch.sh list` does not list it).
 """
 
 import json
@@ -16,8 +19,7 @@ def preset_names():
     return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".json"))
 
 
-def load_preset(name):
-    """The preset called `name` in configs/ (or the .json file at that path)."""
+def _read_preset(name):
     path = name if name.endswith(".json") else os.path.join(CONFIG_DIR, f"{name}.json")
     if not os.path.isfile(path):
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
@@ -29,6 +31,23 @@ def load_preset(name):
     if not isinstance(preset.get("flags"), dict):
         raise ValueError(f"preset {path} has no \"flags\" object")
     return preset
+
+
+def load_preset(name):
+    """The preset called `name` in configs/ (or the .json file at that path), its base presets' flags
+    merged under its own."""
+    chain = [name]
+    preset = _read_preset(name)
+    flags = dict(preset["flags"])
+    base = preset.get("base")
+    while base:
+        if base in chain:
+            raise ValueError(f"preset {name!r}: its bases form a loop ({' -> '.join(chain + [base])})")
+        chain.append(base)
+        parent = _read_preset(base)
+        flags = {**parent["flags"], **flags}
+        base = parent.get("base")
+    return dict(preset, flags=flags)
 
 
 def parse_args_with_config(parser, argv, script, also=(), mode_defaults=None):

@@ -78,3 +78,18 @@ def test_command_line_overrides_the_preset_and_errors_are_clear(tmp_path):
     bad.write_text(json.dumps({"script": "cm_train.py", "flags": {"no_such_flag": 1}}))
     with pytest.raises(ValueError, match="no_such_flag"):
         parse("cm_train", ["--config", str(bad)])
+
+
+def test_a_preset_takes_its_base_flags_under_its_own(tmp_path):
+    base = tmp_path / "arch.json"
+    base.write_text(json.dumps({"flags": {"num_channels": 64, "image_size": 32, "lr": 1.0}}))
+    child = tmp_path / "child.json"
+    child.write_text(json.dumps({"script": "cm_train.py", "base": str(base), "flags": {"lr": 0.5}}))
+    args = parse("cm_train", ["--config", str(child), "--image_size", "16"])
+    assert (args["num_channels"], args["lr"], args["image_size"]) == (64, 0.5, 16)  # base < preset < command line
+    base.write_text(json.dumps({"base": str(child), "flags": {}}))
+    with pytest.raises(ValueError, match="bases form a loop"):
+        load_preset(str(child))
+    # the published architectures are written once each, and base presets are not listed as runnable
+    assert load_preset("ct_imagenet64")["base"] == load_preset("sample_cd_l2_imagenet64_onestep")["base"] == "base/imagenet64"
+    assert not any(name.startswith("base") for name in preset_names())
