@@ -14,6 +14,7 @@ from setuptools import find_packages, setup
 setup(
     name="consistency-models",
     version="0.1.0",
+    license="MIT",
     description="Consistency models (Song et al., ICML 2023): training, sampling and evaluation in PyTorch",
     packages=find_packages(include=["cm", "cm.*", "evaluations", "evaluations.*"]),
     # the embedded digits set; the digits classifier of evaluations/evaluator.py --features digits
@@ -33,7 +34,7 @@ setup(
         "torch-fidelity>=0.3.0",
     ],
     extras_require={
-        "test": ["pytest>=7", "diffusers>=0.25", "safetensors>=0.4"],
+        "test": ["pytest>=7", "ruff>=0.4", "diffusers>=0.25", "safetensors>=0.4"],
         "diffusers": ["diffusers>=0.25", "safetensors>=0.4"],
     },
 )

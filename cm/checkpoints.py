@@ -1,16 +1,47 @@
-"""Checkpoint files: atomic writes, and loading a state dict into a model with a clear mismatch error."""
+"""Checkpoint files: atomic writes; the files of a training checkpoint in a run folder (CheckpointIO:
+save a step's files, find the newest complete checkpoint, read a companion file back); loading a
+state dict into a model with a clear mismatch error; the run's config stored inside every file.
 
+Reading a model file needs nothing but PyTorch: a diffusers folder is the caller's to convert
+(cm.diffusers_convert.read_weights).
+"""
+
+import json
 import os
+import re
 
 import torch
 
-from . import dist_util
+from . import dist_util, logger
 from .atomic import atomic_write
+
+MODEL_FILE = re.compile(r"^model(\d{6,})\.pt$")
 
 
 def atomic_save(obj, path):
     """torch.save through a temporary file and a rename: a reader never sees half a checkpoint."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def parse_resume_step_from_filename(filename):
+    """NNNNNN of path/to/modelNNNNNN.pt (0 when the name has no step); the published name."""
+    match = MODEL_FILE.match(os.path.basename(filename))
+    return int(match.group(1)) if match else 0
+
+
+def with_config(state_dict, config):
+    """Attach the run's resolved config to a state dict (in its metadata, which load_state_dict ignores),
+    so every checkpoint says how it was made."""
+    if config is not None:
+        state_dict._metadata = getattr(state_dict, "_metadata", {})
+        state_dict._metadata["cm_config"] = {"json": json.dumps(config, sort_keys=True, default=str)}
+    return state_dict
+
+
+def checkpoint_config(state_dict):
+    """The config stored by with_config, or None."""
+    meta = getattr(state_dict, "_metadata", {}).get("cm_config")
+    return json.loads(meta["json"]) if meta else None
 
 
 def state_dict_mismatch(model, state_dict, limit=10):
@@ -32,12 +63,8 @@ def state_dict_mismatch(model, state_dict, limit=10):
 
 
 def read_model_state(path):
-    """The model state dict at `path`: a plain state dict (or one under "model"), or the U-Net of the
-    diffusers folder at `path`; an unreadable file raises one error saying so."""
-    if os.path.isdir(path):  # a diffusers ConsistencyModelPipeline / UNet2DModel folder
-        from .diffusers_convert import load_folder
-
-        return load_folder(path)[0]
+    """The model state dict in file `path` (a plain state dict, or one under "model"); an unreadable
+    file raises one error saying so."""
     try:
         state_dict = dist_util.load_state_dict(path, map_location="cpu")
     except (RuntimeError, EOFError, ValueError) as err:
@@ -47,21 +74,69 @@ def read_model_state(path):
     return state_dict
 
 
-def load_model_weights(model, path, state_dict=None):
-    """Load the model state at `path` (read_model_state; or `state_dict`, already read from `path`)
-    into `model` (strict); a checkpoint that does not fit raises one error naming the differing keys
-    and shapes and the likely fix."""
+def load_model_weights(model, path, state_dict=None, what="checkpoint"):
+    """Load the model state in file `path` (or `state_dict`, already read from `path`) into `model`
+    (strict); `what` names it in errors ("target checkpoint", ...). A state that does not fit raises
+    one error naming the differing keys and shapes and the likely fix."""
     if state_dict is None:
         state_dict = read_model_state(path)
     problems = state_dict_mismatch(model, state_dict)
     if problems:
         raise ValueError(
-            f"checkpoint {path} does not fit the model built from these flags ({'; '.join(problems)}); "
+            f"{what} {path} does not fit the model built from these flags ({'; '.join(problems)}); "
             "check the architecture flags (image_size, num_channels, num_res_blocks, class_cond, "
             "attention_resolutions, num_head_channels, resblock_updown, use_scale_shift_norm)"
         )
     model.load_state_dict(state_dict, strict=True)
     return model
+
+
+class CheckpointIO:
+    """The checkpoints of one training run in `folder`, under the published file names.
+
+    `names(step)` lists the files one complete checkpoint consists of, the model file
+    (modelNNNNNN.pt) last: it is written last, so a model file present means its checkpoint is
+    complete (the role of EDM2's CheckpointIO, with one file per network as published)."""
+
+    def __init__(self, folder, names):
+        self.folder = folder
+        self.names = names
+
+    def newest(self):
+        """The model file of the newest complete checkpoint in the folder, or None."""
+        if not self.folder or not os.path.isdir(self.folder):
+            return None
+        steps = sorted((parse_resume_step_from_filename(f) for f in os.listdir(self.folder) if MODEL_FILE.match(f)), reverse=True)
+        for step in steps:
+            if all(os.path.exists(os.path.join(self.folder, n)) for n in self.names(step)):
+                return os.path.join(self.folder, f"model{step:06d}.pt")
+        return None
+
+    def resume_path(self, given=""):
+        """`given` (--resume_checkpoint) if set, else the newest complete checkpoint (None: a fresh run)."""
+        if given:
+            if not os.path.exists(given):
+                raise FileNotFoundError(f"--resume_checkpoint {given} does not exist")
+            return given
+        return self.newest()
+
+    @staticmethod
+    def companion(model_path, name):
+        """A file of the same checkpoint as model file `model_path` (None when absent)."""
+        other = os.path.join(os.path.dirname(model_path), name)
+        return other if os.path.exists(other) else None
+
+    @staticmethod
+    def load(path, map_location="cpu"):
+        return dist_util.load_state_dict(path, map_location=map_location)
+
+    def save(self, step, files):
+        """Write {file name: object} on rank 0, each atomically and in order (the model file last)."""
+        if dist_util.get_rank() == 0:
+            for name, obj in files.items():
+                atomic_save(obj, os.path.join(self.folder, name))
+            logger.log(f"saved checkpoint {step:06d} in {self.folder}")
+        dist_util.barrier()
 
 
 def weights_file(what, given, flag, file_names, urls, hash_prefix=None):

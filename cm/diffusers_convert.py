@@ -24,6 +24,7 @@ from collections import OrderedDict
 
 import torch
 
+from .checkpoints import read_model_state
 from .script_util import model_and_diffusion_defaults, parse_attention_resolutions, parse_channel_mult
 
 # our ResBlock / AttentionBlock sub-module names -> diffusers' ResnetBlock2D / Attention names
@@ -334,7 +335,8 @@ def load_folder(folder):
         raise FileNotFoundError(f"{folder} is not a diffusers pipeline or UNet2DModel folder (no unet/config.json)")
     with open(config_path) as f:
         config = json.load(f)
-    weights = [n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin") if os.path.isfile(os.path.join(unet_dir, n))]
+    names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+    weights = [n for n in names if os.path.isfile(os.path.join(unet_dir, n))]
     if not weights:
         raise FileNotFoundError(f"{unet_dir} has no diffusion_pytorch_model.safetensors (or .bin) weights")
     path = os.path.join(unet_dir, weights[0])
@@ -356,6 +358,14 @@ def load_folder(folder):
     if os.path.isfile(scheduler_path):
         with open(scheduler_path) as f:
             scheduler = json.load(f)
-        flags.update(sigma_min=scheduler.get("sigma_min", flags["sigma_min"]), sigma_max=scheduler.get("sigma_max", flags["sigma_max"]))
+        flags.update({k: scheduler.get(k, flags[k]) for k in ("sigma_min", "sigma_max")})
         steps = steps or scheduler.get("num_train_timesteps")
     return state_dict_from_diffusers(state, flags), flags, steps, extra
+
+
+def read_weights(path):
+    """Our model state dict from `path`: a checkpoint file (cm.checkpoints.read_model_state), or the
+    U-Net of a diffusers ConsistencyModelPipeline / UNet2DModel folder."""
+    if os.path.isdir(path):
+        return load_folder(path)[0]
+    return read_model_state(path)

@@ -86,7 +86,8 @@ def edm_loss(diffusion, model, x_start, sigmas, model_kwargs=None, noise=None):
         noise = torch.randn_like(x_start)
     x_t = x_start + noise * append_dims(sigmas, x_start.ndim)
     _, denoised = diffusion.denoise(model, x_t, sigmas, **model_kwargs)
-    weights = append_dims(get_weightings(diffusion.weight_schedule, diffusion.get_snr(sigmas), diffusion.sigma_data), x_start.ndim)
+    weights = get_weightings(diffusion.weight_schedule, diffusion.get_snr(sigmas), diffusion.sigma_data)
+    weights = append_dims(weights, x_start.ndim)
     mse = mean_flat(weights * (denoised - x_start) ** 2)
     return {"xs_mse": mean_flat((denoised - x_start) ** 2), "mse": mse, "loss": mse}
 

@@ -56,7 +56,7 @@ def sampler_settings(preset_name):
 
 
 def published_table():
-    """The table of the README's "Published checkpoints" section, as markdown."""
+    """The table of docs/published.md, as markdown."""
     lines = [
         "| checkpoint | trained by (preset) | mode | architecture | sampling presets: one-step / two-step | paper FID |",
         "|---|---|---|---|---|---|",

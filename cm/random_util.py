@@ -108,9 +108,6 @@ class _SampleIndexedGenerator:
     def randn_like(self, tensor):
         return self.randn(*tensor.size(), dtype=tensor.dtype, device=tensor.device)
 
-    def get_seed(self):
-        return self.seed
-
     def set_seed(self, seed):
         self.seed = seed
         for gens in self._generators.values():

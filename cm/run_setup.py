@@ -52,11 +52,10 @@ def training_data(args, batch_size):
     )
 
 
-def loop_kwargs(args, model, diffusion, data, batch_size, config):
+def loop_kwargs(args, model, data, batch_size, config):
     """The TrainLoop arguments both training scripts pass, from their flags."""
     return dict(
         model=model,
-        diffusion=diffusion,
         data=data,
         batch_size=batch_size,
         microbatch=args.microbatch,

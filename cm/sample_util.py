@@ -24,12 +24,15 @@ from tqdm.auto import tqdm
 from . import dist_util, logger
 from .atomic import atomic_write_text
 from .checkpoints import load_model_weights
+from .cli import add_dict_to_argparser, args_to_dict
+from .diffusers_convert import read_weights
 from .fast_paths import apply_fast_paths
 from .image_io import save_npz, to_uint8_nhwc
 from .precision import resolve_precision_args
 from .random_util import get_generator
 from .samplers import karras_sample
-from .script_util import add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
+from .methods import samples_with_boundary_condition
+from .script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 def sampling_argparser(description, **script_defaults):
     """The parser of a sampling script: the published image_sample.py flags, this project's additions,
@@ -97,13 +100,13 @@ def load_sampling_model(args):
     its torso in the precision chosen for this device (cm.precision; resolved into the flags)."""
     resolve_precision_args(args, dist_util.dev(), log=logger.log)
     # every consistency model uses the boundary-condition scalings; EDM models do not
-    distillation = "consistency" in args.training_mode
+    distillation = samples_with_boundary_condition(args.training_mode)
     model, diffusion = create_model_and_diffusion(
         **args_to_dict(args, model_and_diffusion_defaults().keys()), distillation=distillation
     )
     if args.model_path:
         logger.log(f"loading {args.model_path}")
-        load_model_weights(model, args.model_path)
+        load_model_weights(model, args.model_path, read_weights(args.model_path))
     else:
         logger.log("no --model_path: sampling from a randomly initialised model (pipeline smoke test)")
     model.to(dist_util.dev())

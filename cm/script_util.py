@@ -1,8 +1,8 @@
-"""Defaults, model construction and argparse helpers, under the published names."""
+"""Defaults, model construction and argparse helpers, under the published names (the argparse helpers
+live in cm.cli, the curriculum in cm.schedule)."""
 
-import argparse
-
-from .denoiser import KarrasDenoiser
+from .cli import add_dict_to_argparser, args_to_dict, str2bool
+from .karras_diffusion import KarrasDenoiser
 from .schedule import create_ema_and_scales_fn
 from .unet import UNetModel
 
@@ -36,7 +36,7 @@ def cm_train_defaults():
     return dict(
         teacher_model_path="",  # EDM teacher checkpoint (consistency distillation)
         teacher_dropout=0.1,  # dropout of the teacher network
-        training_mode="consistency_distillation",  # consistency_distillation | consistency_training | progdist | improved_consistency_training | easy_consistency_tuning
+        training_mode="consistency_distillation",  # a name of cm.methods.METHODS (python scripts/cm_train.py -h lists them)
         target_ema_mode="fixed",  # fixed | adaptive: target-network EMA mu(k)
         scale_mode="fixed",  # fixed | progressive | progdist | exponential (iCT): discretisation N(k)
         total_training_steps=600000,  # stop after this many steps
@@ -53,23 +53,6 @@ def cm_train_defaults():
         ect_b=1.0,  # ... and b
         ect_stage_steps=25000,  # d: ECT's stage lasts this many steps (published CIFAR-10: 25k at batch 128)
     )
-
-
-# Flag values a training mode brings when neither the command line nor the --config preset sets them
-# (cm.config.parse_args_with_config); the resolved values are printed and saved with the run.
-TRAINING_MODE_DEFAULTS = {
-    # Song & Dhariwal 2023, Table 1: no target EMA, pseudo-Huber, exponential curriculum s0 = 10, s1 = 1280,
-    # weighting 1 / (sigma_{i+1} - sigma_i) (the lognormal noise levels come with the mode itself)
-    "improved_consistency_training": dict(
-        target_ema_mode="fixed", start_ema=0.0, scale_mode="exponential", start_scales=10, end_scales=1280,
-        loss_norm="pseudo-huber", weight_schedule="inverse-step",
-    ),
-    # Geng et al. 2024, the published CIFAR-10 code: target = the online network without gradient,
-    # ||.||_2 (pseudo-Huber with c = 0) weighted by 1 / (t - r)
-    "easy_consistency_tuning": dict(
-        target_ema_mode="fixed", start_ema=0.0, loss_norm="pseudo-huber", huber_c=0.0, weight_schedule="inverse-step",
-    ),
-}
 
 
 def model_and_diffusion_defaults():
@@ -191,9 +174,13 @@ def create_model_and_diffusion(
     use_bf16=False,
     time_embed="positional",
     fourier_scale=0.02,
+    rho=7.0,
+    huber_c=None,
+    lpips_vgg_path=None,
 ):
     """The U-Net and its KarrasDenoiser. Unlike the published function, `loss_norm` reaches the
-    denoiser (the published one dropped it, so LPIPS was always used)."""
+    denoiser (the published one dropped it, so LPIPS was always used); `rho`, `huber_c` (None: iCT's
+    0.00054 sqrt(d)) and `lpips_vgg_path` (None: the torch hub cache) are this project's."""
     model = create_model(
         image_size,
         num_channels,
@@ -220,36 +207,14 @@ def create_model_and_diffusion(
         sigma_data=0.5,
         sigma_max=sigma_max,
         sigma_min=sigma_min,
+        rho=rho,
         distillation=distillation,
         weight_schedule=weight_schedule,
         loss_norm=loss_norm,
+        lpips_vgg_path=lpips_vgg_path,
+        huber_c=huber_c,
     )
     return model, diffusion
-
-
-def str2bool(v):
-    if isinstance(v, bool):
-        return v
-    if v.lower() in ("yes", "true", "t", "y", "1"):
-        return True
-    if v.lower() in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"boolean value expected (True/False), got {v!r}")
-
-
-def add_dict_to_argparser(parser, default_dict):
-    """One --flag per key, typed by its default (booleans take True/False)."""
-    for k, v in default_dict.items():
-        v_type = type(v)
-        if v is None:
-            v_type = str
-        elif isinstance(v, bool):
-            v_type = str2bool
-        parser.add_argument(f"--{k}", default=v, type=v_type)
-
-
-def args_to_dict(args, keys):
-    return {k: getattr(args, k) for k in keys}
 
 
 def train_defaults():
@@ -279,21 +244,3 @@ def train_defaults():
         channels_last=False,  # fast path: run the networks in the channels_last (NHWC) memory format
         compile=False,  # fast path: torch.compile the networks (compiles on the first steps)
     )
-
-
-def run_cli(main):
-    """Run a script's main(); expected failures (bad flags, data, checkpoints, a diverged loss) end
-    with one line on stderr and exit status 1 instead of a traceback."""
-    import sys
-
-    from .train_util import NonFiniteLossError
-
-    import os
-
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError, NonFiniteLossError) as err:
-        if os.environ.get("CM_TRACEBACK"):
-            raise
-        print(f"error: {err} (set CM_TRACEBACK=1 for the traceback)", file=sys.stderr)
-        sys.exit(1)

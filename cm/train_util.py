@@ -1,6 +1,7 @@
-"""Training loops: EDM (TrainLoop) and consistency models (CMTrainLoop: CD, CT, progressive distillation).
+"""The training loop of every method (cm/methods/): the loop does precision, DDP, microbatches, the
+optimizer, the sampling EMAs, logging and checkpoint cadence, and asks the method for the rest.
 
-What they share: RAdam with weight decay and optional linear learning-rate annealing; microbatches
+RAdam with weight decay and optional linear learning-rate annealing; microbatches
 (weighted by size, so a split batch takes the same step as the whole); several EMA rates; float32,
 bf16 autocast, or fp16 with float32 master weights and dynamic loss scaling (steps with inf/NaN
 gradients skipped, as published); DistributedDataParallel when there are several processes.
@@ -14,8 +15,6 @@ by itself from the newest complete checkpoint in its folder.
 
 import contextlib
 import json
-import os
-import re
 import time
 
 import torch
@@ -24,23 +23,12 @@ from torch.optim import RAdam
 from tqdm.auto import tqdm
 
 from . import dist_util, logger
-from .checkpoints import atomic_save, state_dict_mismatch
+from .checkpoints import CheckpointIO, load_model_weights, parse_resume_step_from_filename, with_config
+from .cli import NonFiniteLossError
 from .ema import EMASet
 from .fast_paths import apply_fast_paths
-from .schedule import (
-    ect_r,
-    ect_stage,
-    index_to_sigma,
-    inverse_cdf_indices,
-    lognormal_index_probabilities,
-    lognormal_sigmas,
-)
 
 INITIAL_LOG_LOSS_SCALE = 20.0  # published: lg_loss_scale climbs to 20-21 within ~1K ImageNet steps
-
-
-class NonFiniteLossError(RuntimeError):
-    """A float32/bf16 run met an inf/NaN loss (fp16 runs skip such steps instead)."""
 
 
 class StepRandom:
@@ -62,19 +50,6 @@ class StepRandom:
     def rand(self):
         """One uniform number in [0, 1) per sample."""
         return torch.rand(self.global_batch, generator=self.gen, device=self.device)[self.rows]
-
-
-def sample_edm_sigmas(schedule_sampler, rand, diffusion):
-    """Training noise levels of the EDM loss.
-    lognormal: ln sigma ~ N(-1.2, 1.2^2) (the published LogNormalSampler);
-    uniform: a uniform index of the diffusion's num_timesteps-point Karras grid (the published
-    sampler handed the integer index itself to the loss as sigma; we use the grid's sigma)."""
-    if schedule_sampler == "lognormal":
-        return lognormal_sigmas(rand.randn(), -1.2, 1.2)
-    if schedule_sampler == "uniform":
-        n = diffusion.num_timesteps
-        return index_to_sigma(rand.randint(0, n).float(), n, diffusion.sigma_min, diffusion.sigma_max, diffusion.rho)
-    raise ValueError(f"unknown schedule_sampler {schedule_sampler!r} for EDM training; choose lognormal or uniform")
 
 
 class Precision:
@@ -168,38 +143,14 @@ class DeviceMeans:
         return dict(zip(keys, values.tolist()))
 
 
-def with_config(state_dict, config):
-    """Attach the run's resolved config to a state dict (in its metadata, which load_state_dict ignores),
-    so every checkpoint says how it was made."""
-    if config is not None:
-        state_dict._metadata = getattr(state_dict, "_metadata", {})
-        state_dict._metadata["cm_config"] = {"json": json.dumps(config, sort_keys=True, default=str)}
-    return state_dict
-
-
-def checkpoint_config(state_dict):
-    """The config stored by with_config, or None."""
-    meta = getattr(state_dict, "_metadata", {}).get("cm_config")
-    return json.loads(meta["json"]) if meta else None
-
-
-MODEL_FILE = re.compile(r"^model(\d{6,})\.pt$")
-
-
-def parse_resume_step_from_filename(filename):
-    """NNNNNN of path/to/modelNNNNNN.pt (0 when the name has no step)."""
-    match = MODEL_FILE.match(os.path.basename(filename))
-    return int(match.group(1)) if match else 0
-
-
 class TrainLoop:
-    """EDM training (denoising score matching at sigmas from the schedule sampler)."""
+    """Trains `model` by `method` (a cm.methods.TrainingMethod, its extra networks already built)."""
 
     def __init__(
         self,
         *,
         model,
-        diffusion,
+        method,
         data,
         batch_size,
         microbatch,
@@ -210,7 +161,6 @@ class TrainLoop:
         resume_checkpoint,
         use_fp16=False,
         fp16_scale_growth=1e-3,
-        schedule_sampler="lognormal",
         weight_decay=0.0,
         lr_anneal_steps=0,
         use_bf16=False,
@@ -222,7 +172,7 @@ class TrainLoop:
         compile=False,
     ):
         self.model = model
-        self.diffusion = diffusion
+        self.method = method
         self.data = data
         self.batch_size = batch_size
         self.microbatch = microbatch if microbatch > 0 else batch_size
@@ -230,8 +180,6 @@ class TrainLoop:
         self.ema_rate = [ema_rate] if isinstance(ema_rate, float) else [float(x) for x in str(ema_rate).split(",") if x]
         self.log_interval = log_interval
         self.save_interval = save_interval
-        self.resume_checkpoint = resume_checkpoint
-        self.schedule_sampler = schedule_sampler
         self.weight_decay = weight_decay
         self.lr_anneal_steps = lr_anneal_steps
         self.total_training_steps = total_training_steps
@@ -246,12 +194,14 @@ class TrainLoop:
         self.batches_consumed = 0
         self.first_bad_step = None  # device tensor: the first step whose loss was not finite
         self.means = DeviceMeans()
+        self.checkpoints = CheckpointIO(logger.get_dir(), self.checkpoint_names)
 
-        resume_path = self._find_resume_checkpoint()
+        resume_path = self.checkpoints.resume_path(resume_checkpoint)
         self.resumed_step = None
         if resume_path:
-            self._load_model(resume_path)
-            self.resumed_step = self.step
+            logger.log(f"resuming from {resume_path}")
+            load_model_weights(model, resume_path, what="model checkpoint")
+            self.step = self.resumed_step = parse_resume_step_from_filename(resume_path)
         dist_util.sync_params(model.parameters())  # every rank starts from rank 0's weights
         apply_fast_paths([model], **self.fast_paths)  # before any copy of the weights is made
         mode = "fp16" if use_fp16 else "bf16" if use_bf16 else "fp32"
@@ -259,7 +209,7 @@ class TrainLoop:
         self.ddp_model = self._wrap_ddp(model)
         self.opt = RAdam(self.precision.master_params, lr=lr, weight_decay=weight_decay)
         self.ema = EMASet(self.ema_rate, self.precision.master_params)
-        self._setup_extra_models(resume_path)
+        method.setup(self, resume_path)
         if resume_path:
             self._load_training_state(resume_path)
 
@@ -272,72 +222,34 @@ class TrainLoop:
         return DDP(model, device_ids=ids, output_device=ids and ids[0], broadcast_buffers=False,
                    bucket_cap_mb=128, find_unused_parameters=False)
 
-    def _setup_extra_models(self, resume_path):
-        """Target / teacher networks (CMTrainLoop)."""
-
     def checkpoint_names(self, step):
         """The files one complete checkpoint consists of; the model file is written last."""
         names = [f"ema_{rate}_{step:06d}.pt" for rate in self.ema_rate]
         names += [f"opt{step:06d}.pt", f"train_state{step:06d}.pt"]
-        return names + [f"model{step:06d}.pt"]
-
-    def _find_resume_checkpoint(self):
-        """--resume_checkpoint if given, else the newest complete checkpoint in the log folder."""
-        if self.resume_checkpoint:
-            if not os.path.exists(self.resume_checkpoint):
-                raise FileNotFoundError(f"--resume_checkpoint {self.resume_checkpoint} does not exist")
-            return self.resume_checkpoint
-        folder = logger.get_dir()
-        if not folder or not os.path.isdir(folder):
-            return None
-        steps = sorted((parse_resume_step_from_filename(f) for f in os.listdir(folder) if MODEL_FILE.match(f)), reverse=True)
-        for step in steps:
-            if all(os.path.exists(os.path.join(folder, n)) for n in self.checkpoint_names(step)):
-                return os.path.join(folder, f"model{step:06d}.pt")
-        return None
-
-    def _load_into(self, model, path, what):
-        state_dict = dist_util.load_state_dict(path, map_location="cpu")
-        problems = state_dict_mismatch(model, state_dict)
-        if problems:
-            raise ValueError(f"{what} checkpoint {path} does not fit the model: {'; '.join(problems)}")
-        model.load_state_dict(state_dict)
-
-    def _load_model(self, path):
-        logger.log(f"resuming from {path}")
-        self._load_into(self.model, path, "model")
-        self.step = parse_resume_step_from_filename(path)
-
-    def _companion(self, path, name):
-        """A file of the same checkpoint as model file `path` (None when absent)."""
-        other = os.path.join(os.path.dirname(path), name)
-        return other if os.path.exists(other) else None
+        return self.method.checkpoint_names(step) + names + [f"model{step:06d}.pt"]
 
     def _load_training_state(self, path):
-        step = self.step
-        opt_path = self._companion(path, f"opt{step:06d}.pt")
+        step, companion = self.step, self.checkpoints.companion
+        opt_path = companion(path, f"opt{step:06d}.pt")
         if opt_path:
-            self.opt.load_state_dict(dist_util.load_state_dict(opt_path, map_location=self.device))
+            self.opt.load_state_dict(self.checkpoints.load(opt_path, map_location=self.device))
         for rate, params in zip(self.ema_rate, self.ema.params):
-            ema_path = self._companion(path, f"ema_{rate}_{step:06d}.pt")
+            ema_path = companion(path, f"ema_{rate}_{step:06d}.pt")
             if ema_path:
-                state = dist_util.load_state_dict(ema_path, map_location=self.device)
+                state = self.checkpoints.load(ema_path, map_location=self.device)
                 for p, (name, _) in zip(params, self.model.named_parameters()):
                     p.copy_(state[name])
-        state_path = self._companion(path, f"train_state{step:06d}.pt")
+        state_path = companion(path, f"train_state{step:06d}.pt")
         if state_path:
-            state = dist_util.load_state_dict(state_path, map_location="cpu")
+            state = self.checkpoints.load(state_path, map_location="cpu")
             self.batches_consumed = int(state["batches_consumed"])
             self.precision.lg_loss_scale = float(state["lg_loss_scale"])
-            self._load_extra_state(state)
+            self.method.load_state(state)
             # skip first: starting the data stream may draw from the global RNG, which is restored after
             self._skip_consumed_batches()
             torch.set_rng_state(state["rng_cpu"])
             if self.device.type == "cuda" and state.get("rng_cuda") is not None:
                 torch.cuda.set_rng_state(state["rng_cuda"], self.device)
-
-    def _load_extra_state(self, state):
-        pass
 
     def _skip_consumed_batches(self):
         """Move the data stream to where the checkpointed run stopped."""
@@ -348,11 +260,15 @@ class TrainLoop:
             for _ in range(self.batches_consumed):
                 next(self.data)
 
+    def restart_optimization(self):
+        """A fresh optimizer and sampling EMAs at the current weights (progressive distillation's new stage)."""
+        self.opt = RAdam(self.precision.master_params, lr=self.lr, weight_decay=self.weight_decay)
+        self.ema.reset(self.precision.master_params)
+
     # ---- the loop ---------------------------------------------------------------------------
 
     def done(self):
-        limits = [n for n in (self.total_training_steps, self.lr_anneal_steps) if n]
-        return bool(limits) and self.step >= min(limits)
+        return self.method.done(self.step, self.total_training_steps, self.lr_anneal_steps)
 
     def run_loop(self):
         last_saved = self.resumed_step
@@ -381,19 +297,12 @@ class TrainLoop:
         if last_saved != self.step:
             self.save()
 
-    def compute_losses(self, micro, cond, rand_rows):
-        return self.diffusion.training_losses(self.ddp_model, micro, rand_rows["sigmas"], model_kwargs=cond, noise=rand_rows["noise"])
-
-    def draw_step_random(self, batch):
-        """This step's random inputs for this process's rows of the global batch."""
-        rand = StepRandom(self.seed, self.step, self.rank, self.world_size, batch.shape[0], self.device)
-        return {"noise": rand.randn(*batch.shape[1:]), "sigmas": sample_edm_sigmas(self.schedule_sampler, rand, self.diffusion)}
-
     def run_step(self, batch, cond):
         """One optimisation step on this process's batch; returns whether the step was taken."""
         batch = batch.to(self.device, non_blocking=True)
         cond = {k: v.to(self.device, non_blocking=True) for k, v in cond.items()}
-        random_rows = self.draw_step_random(batch)
+        rand = StepRandom(self.seed, self.step, self.rank, self.world_size, batch.shape[0], self.device)
+        random_rows = self.method.draw(rand, batch, self.step)
         self.precision.zero_grad()
         n = batch.shape[0]
         for i in range(0, n, self.microbatch):
@@ -403,7 +312,7 @@ class TrainLoop:
             sync = j >= n or self.ddp_model is self.model
             with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
                 with self.precision.autocast(self.device):
-                    losses = self.compute_losses(batch[i:j], micro_cond, micro_random)
+                    losses = self.method.losses(self.ddp_model, batch[i:j], micro_cond, micro_random, self.step)
                 loss = losses["loss"].float().mean()
                 self._track_finite(loss)
                 # weight each microbatch by its share, so a split batch takes the same step as the whole
@@ -413,13 +322,12 @@ class TrainLoop:
         took, grad_norm = self.precision.optimize(self.opt)
         self.means.add("grad_norm", grad_norm)
         if took:
-            self.after_optimizer_step()
+            # the sampling EMAs and the method's averages (the target network) in one fused update
+            self.ema.update(self.precision.master_params, also=self.method.averages(self.step))
+            self.method.after_step(self)
             self.step += 1
         self._anneal_lr()
         return took
-
-    def after_optimizer_step(self):
-        self.ema.update(self.precision.master_params)
 
     def _track_finite(self, loss):
         if self.precision.mode == "fp16":
@@ -436,9 +344,7 @@ class TrainLoop:
             )
 
     def current_lr(self):
-        if not self.lr_anneal_steps:
-            return self.lr
-        return self.lr * (1 - self.step / self.lr_anneal_steps)
+        return self.method.lr(self.lr, self.step, self.lr_anneal_steps)
 
     def _anneal_lr(self):
         for group in self.opt.param_groups:
@@ -454,11 +360,9 @@ class TrainLoop:
         logger.logkv("images_per_s", images_per_second)
         if self.precision.mode == "fp16":
             logger.logkv("lg_loss_scale", self.precision.lg_loss_scale)
-        self.log_extra()
+        for key, value in self.method.log_values(self.step).items():
+            logger.logkv(key, value)
         return logger.dumpkvs(echo=not self.progress)
-
-    def log_extra(self):
-        pass
 
     # ---- checkpoints ------------------------------------------------------------------------
 
@@ -480,209 +384,17 @@ class TrainLoop:
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "config": json.dumps(self.config, sort_keys=True, default=str),
+            **self.method.state(),
         }
-
-    def extra_checkpoint_files(self, step):
-        """{file name: state dict} of the networks beyond model, EMAs and optimizer (CMTrainLoop)."""
-        return {}
 
     def save(self):
         """Write every file of the checkpoint at this step, each atomically, the model file last:
         a model file present means its checkpoint is complete."""
         self._check_finite()
-        step, folder = self.step, logger.get_dir()
+        step = self.step
         files = {f"ema_{rate}_{step:06d}.pt": self.params_state_dict(p) for rate, p in zip(self.ema_rate, self.ema.params)}
         files[f"opt{step:06d}.pt"] = self.opt.state_dict()
-        files.update(self.extra_checkpoint_files(step))
+        files.update(self.method.checkpoint_files(self, step))
         files[f"train_state{step:06d}.pt"] = self.training_state()
         files[f"model{step:06d}.pt"] = self.params_state_dict(self.precision.master_params)
-        if self.rank == 0:
-            for name, obj in files.items():
-                atomic_save(obj, os.path.join(folder, name))
-            logger.log(f"saved checkpoint {step:06d} in {folder}")
-        dist_util.barrier()
-
-
-CM_TRAINING_MODES = (
-    "consistency_distillation",
-    "consistency_training",
-    "progdist",
-    "improved_consistency_training",
-    "easy_consistency_tuning",
-)
-TEACHER_MODES = ("consistency_distillation", "progdist")  # their loss runs a teacher network
-EDM_START_MODES = TEACHER_MODES + ("easy_consistency_tuning",)  # they need an EDM checkpoint (ECT: to start from)
-
-
-def check_training_mode(training_mode, has_teacher=None):
-    """One clear error for an unknown consistency training mode, or (when `has_teacher` is given) a
-    mode that needs an EDM checkpoint without one."""
-    if training_mode not in CM_TRAINING_MODES:
-        raise ValueError(f"unknown --training_mode {training_mode}; choose one of {', '.join(CM_TRAINING_MODES)}")
-    if training_mode in EDM_START_MODES and has_teacher is False:
-        raise ValueError(f"--training_mode {training_mode} needs --teacher_model_path (an EDM checkpoint)")
-
-
-class CMTrainLoop(TrainLoop):
-    """Consistency distillation, consistency training, progressive distillation, improved consistency
-    training (iCT: CT on noise levels from the discretised lognormal) and easy consistency tuning (ECT:
-    continuous t ~ lognormal and r(t) from the stage schedule; the model starts as an EDM model)."""
-
-    def __init__(
-        self,
-        *,
-        target_model,
-        teacher_model,
-        teacher_diffusion,
-        training_mode,
-        ema_scale_fn,
-        total_training_steps,
-        teacher_solver="heun",
-        p_mean=-1.1,
-        p_std=2.0,
-        ect_q=2.0,
-        ect_k=8.0,
-        ect_b=1.0,
-        ect_stage_steps=25000,
-        **kwargs,
-    ):
-        check_training_mode(training_mode, teacher_model is not None if training_mode in TEACHER_MODES else None)
-        if training_mode == "easy_consistency_tuning" and not (ect_q > 1 and ect_stage_steps >= 1):
-            raise ValueError(f"ECT needs --ect_q > 1 and --ect_stage_steps >= 1, got {ect_q} and {ect_stage_steps}")
-        if p_std <= 0:
-            raise ValueError(f"--p_std must be positive, got {p_std}")
-        self.p_mean, self.p_std = p_mean, p_std
-        self.ect_q, self.ect_k, self.ect_b, self.ect_stage_steps = ect_q, ect_k, ect_b, ect_stage_steps
-        self.target_model = target_model
-        self.teacher_model = teacher_model
-        self.teacher_diffusion = teacher_diffusion
-        self.training_mode = training_mode
-        self.ema_scale_fn = ema_scale_fn
-        self.teacher_solver = teacher_solver
-        self.stage_start = 0  # progdist: the step its current stage began
-        super().__init__(total_training_steps=total_training_steps, **kwargs)
-
-    def _setup_extra_models(self, resume_path):
-        self.target_model.requires_grad_(False)
-        self.target_model.train()  # dropout as in the online network (its mask state is shared)
-        target_file = resume_path and self._companion(resume_path, f"target_model{self.step:06d}.pt")
-        if target_file:
-            self._load_into(self.target_model, target_file, "target")
-        elif resume_path:
-            # fine-tuning from a bare model file (a published or converted checkpoint): the target
-            # starts as the loaded network (the published loop left it at the random initialisation)
-            self.target_model.load_state_dict(self.model.state_dict())
-        if self.precision.mode == "fp16":
-            self.target_master = [p.detach().float().clone() for p in self.target_model.parameters()]
-            self.target_model.convert_to_fp16()
-        else:
-            self.target_master = list(self.target_model.parameters())
-        if self.teacher_model is not None:
-            self.teacher_model.requires_grad_(False)
-            self.teacher_model.eval()
-            teacher_file = resume_path and self._companion(resume_path, f"teacher_model{self.step:06d}.pt")
-            if self.training_mode == "progdist" and teacher_file:
-                self._load_into(self.teacher_model, teacher_file, "teacher")
-        apply_fast_paths([self.target_model, self.teacher_model], **self.fast_paths)
-
-    def checkpoint_names(self, step):
-        names = super().checkpoint_names(step)
-        extra = [f"target_model{step:06d}.pt"]
-        if self.training_mode == "progdist":
-            extra.append(f"teacher_model{step:06d}.pt")
-        return extra + names
-
-    def extra_checkpoint_files(self, step):
-        files = {f"target_model{step:06d}.pt": self.params_state_dict(self.target_master, self.target_model)}
-        if self.training_mode == "progdist":
-            files[f"teacher_model{step:06d}.pt"] = with_config(self.teacher_model.state_dict(), self.config)
-        return files
-
-    def training_state(self):
-        return dict(super().training_state(), stage_start=self.stage_start)
-
-    def _load_extra_state(self, state):
-        self.stage_start = int(state.get("stage_start", 0))
-
-    def draw_step_random(self, batch):
-        rand = StepRandom(self.seed, self.step, self.rank, self.world_size, batch.shape[0], self.device)
-        noise = rand.randn(*batch.shape[1:])
-        if self.training_mode == "easy_consistency_tuning":
-            # ECT: t ~ lognormal(P_mean, P_std^2) in continuous time, r = r(t) at this step's stage
-            t = lognormal_sigmas(rand.randn(), self.p_mean, self.p_std)
-            r = ect_r(t, ect_stage(self.step, self.ect_stage_steps), self.ect_q, self.ect_k, self.ect_b)
-            return {"noise": noise, "t": t, "r": r}
-        _, num_scales = self.ema_scale_fn(self.step)
-        if self.training_mode == "improved_consistency_training":
-            # iCT: the pair (t_n, t_{n+1}) drawn from the lognormal's mass between them, by inverse CDF
-            d = self.diffusion
-            probs = lognormal_index_probabilities(num_scales, d.sigma_min, d.sigma_max, d.rho, self.p_mean, self.p_std)
-            return {"noise": noise, "indices": inverse_cdf_indices(probs, rand.rand())}
-        # CD/CT pick n in 0..N-2 (pairs t_n, t_{n+1}); progressive distillation n in 0..N-1
-        high = num_scales if self.training_mode == "progdist" else num_scales - 1
-        return {"noise": noise, "indices": rand.randint(0, high)}
-
-    def compute_losses(self, micro, cond, rand_rows):
-        _, num_scales = self.ema_scale_fn(self.step)
-        if self.training_mode == "progdist":
-            # the published loop passed keywords progdist_losses does not take; the meant teacher is
-            # the teacher network, refreshed from the student at every new stage
-            return self.diffusion.progdist_losses(
-                self.ddp_model, micro, num_scales, model_kwargs=cond, teacher_model=self.teacher_model,
-                teacher_diffusion=self.teacher_diffusion, noise=rand_rows["noise"], indices=rand_rows["indices"],
-            )
-        if self.training_mode == "easy_consistency_tuning":
-            return self.diffusion.ect_losses(
-                self.ddp_model, micro, rand_rows["t"], rand_rows["r"], model_kwargs=cond,
-                target_model=self.target_model, noise=rand_rows["noise"],
-            )
-        teacher = self.teacher_model if self.training_mode == "consistency_distillation" else None
-        return self.diffusion.consistency_losses(
-            self.ddp_model, micro, num_scales, model_kwargs=cond, target_model=self.target_model,
-            teacher_model=teacher, teacher_diffusion=self.teacher_diffusion, noise=rand_rows["noise"],
-            indices=rand_rows["indices"], teacher_solver=self.teacher_solver,
-        )
-
-    def after_optimizer_step(self):
-        target_ema, _ = self.ema_scale_fn(self.step)
-        # the sampling EMAs and the target network in one fused update
-        self.ema.update(self.precision.master_params, also=[(self.target_master, target_ema)])
-        if self.precision.mode == "fp16":
-            with torch.no_grad():
-                for p, master in zip(self.target_model.parameters(), self.target_master):
-                    p.copy_(master)
-        if self.training_mode == "progdist":
-            self._progdist_new_stage()
-
-    def _progdist_new_stage(self):
-        """At a change of N (after this step), the student becomes the teacher and training restarts:
-        fresh optimizer and EMAs, learning-rate annealing from the top."""
-        if self.ema_scale_fn(self.step + 1)[1] == self.ema_scale_fn(self.step)[1]:
-            return
-        with torch.no_grad():
-            for t, p in zip(self.teacher_model.parameters(), self.precision.master_params):
-                t.copy_(p)
-        self.opt = RAdam(self.precision.master_params, lr=self.lr, weight_decay=self.weight_decay)
-        self.ema.reset(self.precision.master_params)
-        self.stage_start = self.step + 1
-
-    def current_lr(self):
-        if not self.lr_anneal_steps:
-            return self.lr
-        if self.training_mode == "progdist":
-            # annealed within each stage; the last stages (N = 2 and 1) last twice as long, as published
-            length = self.lr_anneal_steps * (2 if self.ema_scale_fn(self.step)[1] <= 2 else 1)
-            return self.lr * max(1 - (self.step - self.stage_start) / length, 0.0)
-        return super().current_lr()
-
-    def done(self):
-        # the published loop never ended with lr_anneal_steps=0; total_training_steps ends it
-        return self.step >= self.total_training_steps
-
-    def log_extra(self):
-        target_ema, num_scales = self.ema_scale_fn(self.step)
-        logger.logkv("target_ema", target_ema)
-        if self.training_mode == "easy_consistency_tuning":
-            logger.logkv("ect_stage", ect_stage(self.step, self.ect_stage_steps))
-        else:
-            logger.logkv("num_scales", num_scales)
+        self.checkpoints.save(step, files)

@@ -18,7 +18,6 @@ With --features digits and a sample batch with `arr_1` labels, the classifier's 
 
 import argparse
 import os
-import sys
 import warnings
 import zipfile
 from typing import Iterable, Optional, Tuple
@@ -28,11 +27,9 @@ import torch
 from scipy import linalg
 from tqdm.auto import tqdm
 
-if not __package__:  # run as `python evaluations/evaluator.py`: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cm.atomic import atomic_write  # noqa: E402
-from evaluations.feature_extractors import FEATURES, create_feature_extractor  # noqa: E402
+from cm.atomic import atomic_write
+from evaluations.feature_extractors import FEATURES, create_feature_extractor
 
 CACHE_FORMAT = 1
 NPZ_IMAGES = "uint8 images (N, H, W, 3) in arr_0, as scripts/image_sample.py writes them"
@@ -547,6 +544,6 @@ def main():
 
 
 if __name__ == "__main__":
-    from cm.script_util import run_cli
+    from cm.cli import run_cli
 
     run_cli(main)

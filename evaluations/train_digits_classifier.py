@@ -9,20 +9,16 @@ seeded permutation: 20% held out, never trained on, the rest trained on with ran
 """
 
 import argparse
-import os
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-if not __package__:  # run as `python evaluations/train_digits_classifier.py`: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cm.checkpoints import atomic_save  # noqa: E402
-from cm.image_datasets import load_digits_arrays  # noqa: E402
-from evaluations.feature_extractors import DIGITS_WEIGHTS, DigitsClassifier, digits_input  # noqa: E402
+from cm.checkpoints import atomic_save
+from cm.image_datasets import load_digits_arrays
+from evaluations.feature_extractors import DIGITS_WEIGHTS, DigitsClassifier, digits_input
 
 HELD_OUT_FRACTION = 0.2
 MAX_SHIFT = 2

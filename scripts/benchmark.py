@@ -12,7 +12,8 @@ In one run on one machine it measures (medians over repeats, after warm-up), pri
   attention, one fused EMA update against one per average, inference mode against no_grad for the
   target network, and the data loader's images/s (to compare with a training step's);
 - on GPUs, whether a training step runs without host-device synchronisation;
-- the targets of issue #7 as ratios of rows measured side by side in this run.
+- the performance targets (fast paths against the default path, sampling against training) as ratios
+  of rows measured side by side in this run.
 
   python scripts/benchmark.py                      # CPU, full (about 6-7 minutes on 2 quiet cores)
   python scripts/benchmark.py --quick              # smoke test at tiny size (CI, under a minute)
@@ -26,13 +27,11 @@ LPIPS uses VGG-16 with random weights (the same cost as the real ones, no downlo
 
 import argparse
 import contextlib
-import copy
 import gc
 import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 import traceback
@@ -42,19 +41,19 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cm import dist_util  # noqa: E402
-from cm.atomic import atomic_write_text  # noqa: E402
-from cm.config import load_preset  # noqa: E402
-from cm.ema import EMASet, update_ema, update_emas  # noqa: E402
-from cm.fast_paths import apply_fast_paths  # noqa: E402
-from cm.image_datasets import load_data  # noqa: E402
-from cm.precision import detect_hardware  # noqa: E402
-from cm.random_util import get_generator  # noqa: E402
-from cm.samplers import karras_sample  # noqa: E402
-from cm.script_util import create_ema_and_scales_fn, create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
-from cm.train_util import CMTrainLoop, Precision  # noqa: E402
+from cm import dist_util
+from cm.atomic import atomic_write_text
+from cm.config import load_preset
+from cm.ema import EMASet, update_ema, update_emas
+from cm.fast_paths import apply_fast_paths
+from cm.image_datasets import load_data
+from cm.precision import detect_hardware
+from cm.random_util import get_generator
+from cm.samplers import karras_sample
+from cm.methods import method_class
+from cm.script_util import cm_train_defaults, create_model_and_diffusion, model_and_diffusion_defaults
+from cm.train_util import Precision, TrainLoop
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TINY_FLAGS = dict(
@@ -196,23 +195,18 @@ def row_train(ctx, config, mode, precision, batch, channels_last=False, compile=
     if mode == "cd":
         train = dict(train, **CD_SCHEDULE)
     model, diffusion = build_model(model_flags, ctx.device, loss_norm=train["loss_norm"])
-    teacher = teacher_diffusion = None
-    if mode == "cd":
-        teacher, teacher_diffusion = build_model(model_flags, ctx.device, distillation=False)
-        teacher.eval()
-        if precision == "fp16":
-            teacher.convert_to_fp16()  # as scripts/cm_train.py does
+    flags = argparse.Namespace(**dict(
+        cm_train_defaults(), **{k: v for k, v in train.items() if k in cm_train_defaults()}, teacher_model_path="given",
+        teacher_solver="heun", use_fp16=precision == "fp16",
+        training_mode="consistency_distillation" if mode == "cd" else "consistency_training",
+    ))
+    method = method_class(flags.training_mode)(flags, diffusion)
+    # the teacher of CD: a network of the same architecture (as scripts/cm_train.py builds it)
+    method.build_networks(model, (lambda: build_model(model_flags, ctx.device, distillation=False)) if mode == "cd" else None)
     if compile:
         torch._dynamo.reset()
-    loop = CMTrainLoop(
-        target_model=copy.deepcopy(model), teacher_model=teacher, teacher_diffusion=teacher_diffusion,
-        training_mode="consistency_distillation" if mode == "cd" else "consistency_training",
-        ema_scale_fn=create_ema_and_scales_fn(
-            target_ema_mode=train["target_ema_mode"], start_ema=train["start_ema"], scale_mode=train["scale_mode"],
-            start_scales=train["start_scales"], end_scales=train["end_scales"],
-            total_steps=train["total_training_steps"], distill_steps_per_iter=50000,
-        ),
-        total_training_steps=train["total_training_steps"], model=model.train(), diffusion=diffusion, data=None,
+    loop = TrainLoop(
+        method=method, total_training_steps=train["total_training_steps"], model=model.train(), data=None,
         batch_size=batch, microbatch=-1, lr=1e-4, ema_rate=train["ema_rate"], log_interval=10**9, save_interval=0,
         resume_checkpoint="", use_fp16=precision == "fp16", use_bf16=precision == "bf16", progress=False,
         channels_last=channels_last, compile=compile,
@@ -520,7 +514,7 @@ def run_row_forked(ctx, kind, kwargs, threads):
             baseline = _rss_mb()
             torch.set_num_threads(threads)
             payload = json.dumps(dict(run_row(ctx, kind, kwargs), rss_at_start_mb=baseline), default=float)
-        except BaseException as err:  # noqa: BLE001 (anything, so the parent always gets a line)
+        except BaseException as err:
             payload, status = json.dumps({"error": f"{type(err).__name__}: {err}"[:500]}), 1
         with os.fdopen(write_end, "w") as f:
             f.write(payload)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark of issue #7 on one GPU (an H100: under 8 minutes), one command:
+# The GPU benchmark on one GPU (an H100: under 8 minutes), one command:
 #   bash scripts/benchmark_gpu.sh [OUT.json] [more scripts/benchmark.py flags]
 # ImageNet-64 CT training steps at per-GPU batch 64 (fp32, fp16, bf16; channels_last, bf16 also without;
 # fp16 and bf16 with torch.compile): images/s, counted FLOPs per step and model FLOP utilisation against

@@ -22,24 +22,21 @@ the table, two samples of each class) and each run's samples_grid.png. Every sta
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import cm_train  # noqa: E402  (scripts/ is this script's folder)
-import edm_train  # noqa: E402
-import image_sample  # noqa: E402
-from cm.atomic import atomic_write_text  # noqa: E402
-from cm.config import load_preset  # noqa: E402
-from cm.image_datasets import load_digits_arrays  # noqa: E402
-from cm.image_io import save_grid, save_npz  # noqa: E402
-from cm.script_util import run_cli, str2bool  # noqa: E402
-from cm.train_util import MODEL_FILE, parse_resume_step_from_filename  # noqa: E402
-from evaluations.evaluator import evaluate  # noqa: E402
+import cm_train  # a sibling script (python puts scripts/ first on the path)
+import edm_train
+import image_sample
+from cm.atomic import atomic_write_text
+from cm.config import load_preset
+from cm.image_datasets import load_digits_arrays
+from cm.image_io import save_grid, save_npz
+from cm.cli import run_cli, str2bool
+from cm.checkpoints import MODEL_FILE, parse_resume_step_from_filename
+from evaluations.evaluator import evaluate
 
 METHODS = {"CT": "demo_ct", "iCT": "demo_ict", "ECT": "demo_ect"}
 ECT_STAGES = 8  # ECT's stages per run, as in the published CIFAR-10 schedule (200k steps, d = 25k)
@@ -201,8 +198,9 @@ def main(argv=None):
     heun_steps = 4 if args.quick else 18
     heun = draw(teacher_path, run(f"samples/edm_teacher_{args.teacher_steps}steps_heun"), "heun", args.num_samples,
                 heun_steps)
-    rows.append({"round": "reference", "model": f"EDM teacher, Heun {2 * heun_steps - 1} NFE (both columns)", "steps": args.teacher_steps,
-                 "train_seconds": teacher_seconds, "onestep": evaluate(ref, heun, features="digits")})
+    rows.append({"round": "reference", "model": f"EDM teacher, Heun {2 * heun_steps - 1} NFE (both columns)",
+                 "steps": args.teacher_steps, "train_seconds": teacher_seconds,
+                 "onestep": evaluate(ref, heun, features="digits")})
     rows[-1]["twostep"] = rows[-1]["onestep"]
     real = evaluate(halves[0], halves[1], features="digits")
     rows.append({"round": "reference", "model": "real digits, half vs half", "steps": 0, "train_seconds": None,

@@ -16,10 +16,10 @@ import os
 
 from cm import logger
 from cm.atomic import atomic_write_text
-from cm.checkpoints import atomic_save, load_model_weights
+from cm.checkpoints import atomic_save, load_model_weights, with_config
+from cm.cli import run_cli
 from cm.diffusers_convert import load_folder
-from cm.script_util import create_model_and_diffusion, run_cli
-from cm.train_util import with_config
+from cm.script_util import create_model_and_diffusion
 
 
 def local_folder(path):

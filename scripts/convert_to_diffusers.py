@@ -14,12 +14,13 @@ in increasing priority. The pipeline's `timesteps` for this model's --ts are pri
 import json
 
 from cm import logger
+from cm.checkpoints import checkpoint_config, load_model_weights, read_model_state
+from cm.cli import args_to_dict, run_cli
 from cm.config import parse_args_with_config
-from cm.checkpoints import load_model_weights, read_model_state
 from cm.diffusers_convert import diffusers_timesteps, save_pipeline
+from cm.methods import samples_with_boundary_condition
 from cm.sample_util import parse_int_list, sampling_argparser
-from cm.script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults, run_cli
-from cm.train_util import checkpoint_config
+from cm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 
 def stored_model_flags(state_dict):
@@ -36,7 +37,7 @@ def main(argv=None):
     args = parse_args_with_config(parser, argv, "convert_to_diffusers.py", also=("image_sample.py",))
     if not args.model_path or not args.output_dir:
         raise ValueError("pass --model_path (the checkpoint) and --output_dir (the diffusers folder to write)")
-    if "consistency" not in args.training_mode:
+    if not samples_with_boundary_condition(args.training_mode):
         raise ValueError(
             f"--training_mode {args.training_mode}: ConsistencyModelPipeline applies the consistency boundary "
             "condition, so only consistency models convert (pass --training_mode consistency_training or "

@@ -15,28 +15,25 @@ import argparse
 import csv
 import json
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import cm_train  # noqa: E402  (scripts/ is this script's folder)
-import image_sample  # noqa: E402
-from cm.atomic import atomic_write_text  # noqa: E402
-from cm.config import load_preset  # noqa: E402
-from cm.image_datasets import load_digits_arrays  # noqa: E402
-from cm.image_io import save_npz  # noqa: E402
-from cm.precision import cpu_model_name  # noqa: E402
-from cm.script_util import run_cli, str2bool  # noqa: E402
-from evaluations.evaluator import evaluate  # noqa: E402
-from evaluations.pixel_noise import high_frequency_energy, high_frequency_ratio  # noqa: E402
+import cm_train  # a sibling script (python puts scripts/ first on the path)
+import image_sample
+from cm.atomic import atomic_write_text
+from cm.config import load_preset
+from cm.image_datasets import load_digits_arrays
+from cm.image_io import save_npz
+from cm.precision import cpu_model_name
+from cm.cli import run_cli, str2bool
+from evaluations.evaluator import evaluate
+from evaluations.pixel_noise import high_frequency_energy, high_frequency_ratio
 
-# What the demo aims for (README "The demo"): one-step samples recognisably of the requested class, an
+# What the demo aims for (docs/digits.md, "The demo"): one-step samples recognisably of the requested class, an
 # FID (in the digits classifier's features, 1,000 samples against the 1,797 digits; real digits score 7,
 # half against half) of at most 25, one-step samples as free of pixel noise as the digits themselves (the
 # classifier's features do not see noise; the high-frequency energy does: real digits score 1.0 against
@@ -44,7 +41,7 @@ from evaluations.pixel_noise import high_frequency_energy, high_frequency_ratio 
 TARGET_CLASS_ACCURACY = 0.90
 TARGET_FID = 25.0
 TARGET_HF_RATIO = 1.25
-TRAIN_PRESET = "demo_train"  # the recipe (README "The demo": how it was chosen)
+TRAIN_PRESET = "demo_train"  # the recipe (docs/digits.md: how it was chosen)
 
 
 def loss_curve_png(progress_csv, path, width=640, height=360, pad=48):

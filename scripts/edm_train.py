@@ -7,16 +7,11 @@ published script, plus --total_training_steps (0: until lr_anneal_steps, or unti
 import argparse
 
 from cm import dist_util, logger
+from cm.cli import add_dict_to_argparser, args_to_dict, run_cli
 from cm.config import parse_args_with_config
+from cm.methods import EDM
 from cm.run_setup import loop_kwargs, per_process_batch, start_run, training_data
-from cm.script_util import (
-    add_dict_to_argparser,
-    args_to_dict,
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-    run_cli,
-    train_defaults,
-)
+from cm.script_util import create_model_and_diffusion, model_and_diffusion_defaults, train_defaults
 from cm.train_util import TrainLoop
 
 
@@ -29,10 +24,7 @@ def main(argv=None):
     batch_size = per_process_batch(args)
     data = training_data(args, batch_size)
     logger.log("training...")
-    TrainLoop(
-        schedule_sampler=args.schedule_sampler,
-        **loop_kwargs(args, model, diffusion, data, batch_size, config),
-    ).run_loop()
+    TrainLoop(method=EDM(args, diffusion), **loop_kwargs(args, model, data, batch_size, config)).run_loop()
     logger.log("training complete")
 
 

@@ -46,7 +46,7 @@ from cm.image_datasets import UnreadableImage, collate, open_dataset
 from cm.image_io import save_grid, save_npz, to_uint8_nhwc
 from cm.random_util import get_generator
 from cm.sample_util import in_global_order, load_sampling_model, parse_int_list, round_sizes, sampling_argparser
-from cm.script_util import run_cli
+from cm.cli import run_cli
 
 TASKS = ("inpainting", "colorization", "superres", "interpolation")
 EDIT_STEPS = 4  # model evaluations of the default editing --ts

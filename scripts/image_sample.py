@@ -20,7 +20,7 @@ from cm.sample_util import (
     sample_kwargs,
     sampling_argparser,
 )
-from cm.script_util import run_cli
+from cm.cli import run_cli
 
 def main(argv=None):
     args = parse_args_with_config(create_argparser(), argv, "image_sample.py")

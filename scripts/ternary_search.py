@@ -25,7 +25,7 @@ from cm.sample_util import (
     sample_kwargs,
     sampling_argparser,
 )
-from cm.script_util import run_cli
+from cm.cli import run_cli
 
 
 class PointCache:

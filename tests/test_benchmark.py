@@ -1,6 +1,7 @@
 """scripts/benchmark.py (--quick, its FLOP counts) and the fast paths it measures: each switch computes
 what the default path computes."""
 
+import argparse
 import copy
 import json
 import os
@@ -9,15 +10,15 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cm import logger, losses
 from cm.ema import update_ema, update_emas
 from cm.fast_paths import apply_fast_paths, check_compile_available
 from cm.precision import detect_hardware
-from cm.script_util import create_ema_and_scales_fn, create_model_and_diffusion
-from cm.train_util import CMTrainLoop
+from cm.methods import ConsistencyTraining
+from cm.script_util import cm_train_defaults, create_model_and_diffusion
+from cm.train_util import TrainLoop
 from cm.unet import QKVAttention
 
 from conftest import randomize, tiny_config
@@ -167,12 +168,16 @@ def ct_loop(channels_last, precision, log_dir):
     torch.manual_seed(0)
     model, diffusion = create_model_and_diffusion(**tiny_config(), distillation=True, loss_norm="l2")
     randomize(model)
-    return CMTrainLoop(
-        target_model=copy.deepcopy(model), teacher_model=None, teacher_diffusion=None,
-        training_mode="consistency_training",
-        ema_scale_fn=create_ema_and_scales_fn("fixed", 0.9, "fixed", 10, 10, 100, 50000), total_training_steps=100,
-        model=model, diffusion=diffusion, data=None, batch_size=4, microbatch=-1, lr=1e-3, ema_rate="0.9,0.99",
-        log_interval=100, save_interval=0, resume_checkpoint="", use_bf16=precision == "bf16",
+    flags = argparse.Namespace(**dict(
+        cm_train_defaults(), training_mode="consistency_training", target_ema_mode="fixed", start_ema=0.9,
+        scale_mode="fixed", start_scales=10, end_scales=10, total_training_steps=100, teacher_solver="heun",
+        use_fp16=precision == "fp16",
+    ))
+    method = ConsistencyTraining(flags, diffusion)
+    method.build_networks(model)
+    return TrainLoop(
+        method=method, total_training_steps=100, model=model, data=None, batch_size=4, microbatch=-1, lr=1e-3,
+        ema_rate="0.9,0.99", log_interval=100, save_interval=0, resume_checkpoint="", use_bf16=precision == "bf16",
         use_fp16=precision == "fp16", progress=False, channels_last=channels_last,
     )
 
@@ -188,7 +193,7 @@ def test_channels_last_training_steps_match_the_default(precision, tmp_path):
     for name, a, b in zip(dict(default.model.named_parameters()), default.precision.master_params,
                           fast.precision.master_params):
         torch.testing.assert_close(b, a, **tol, msg=name)
-    for a, b in zip(default.target_master + default.ema.params[0], fast.target_master + fast.ema.params[0]):
+    for a, b in zip(default.method.target_master + default.ema.params[0], fast.method.target_master + fast.ema.params[0]):
         torch.testing.assert_close(b, a, **tol)
     saved = fast.params_state_dict(fast.precision.master_params)
     assert all(v.is_contiguous() for v in saved.values())  # checkpoints do not depend on the switch

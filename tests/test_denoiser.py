@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from cm.denoiser import KarrasDenoiser, network_time
+from cm.denoiser import network_time
+from cm.karras_diffusion import KarrasDenoiser
 from cm.losses import get_weightings
 
 

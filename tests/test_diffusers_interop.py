@@ -24,7 +24,7 @@ from cm.random_util import get_generator
 from cm.samplers import karras_sample
 from cm.schedule import index_to_sigma
 from cm.script_util import create_model_and_diffusion
-from cm.train_util import with_config
+from cm.checkpoints import with_config
 
 from conftest import randomize, tiny_config
 from test_scripts import ROOT, load_script
@@ -222,5 +222,5 @@ def test_published_table_covers_the_twelve_checkpoints():
         for preset in filter(None, (first, second)):
             assert load_preset(preset)["flags"]["training_mode"] == mode
             assert f"{name}.pt" in load_preset(preset)["description"]
-    with open(os.path.join(ROOT, "README.md")) as f:
-        assert published_table() in f.read()  # the README's table is this table
+    with open(os.path.join(ROOT, "docs", "published.md")) as f:
+        assert published_table() in f.read()  # the docs' table is this table

@@ -35,10 +35,10 @@ def train(script, flags, log_dir):
 
 def parse_cm_train(line):
     from cm.config import parse_args_with_config
-    from cm.script_util import TRAINING_MODE_DEFAULTS
+    from cm.methods import mode_flag_defaults
 
     parser = load_script("cm_train").create_argparser()
-    return parse_args_with_config(parser, shlex.split(line), "cm_train.py", mode_defaults=TRAINING_MODE_DEFAULTS)
+    return parse_args_with_config(parser, shlex.split(line), "cm_train.py", mode_defaults=mode_flag_defaults())
 
 
 # ----- the exponential curriculum -----
@@ -128,7 +128,7 @@ def test_ict_loss_is_the_weighted_pseudo_huber_against_the_online_network(batch)
     idx = torch.tensor([0, 5, 9])
     got = diffusion.consistency_losses(model, x, 11, model_kwargs={"y": y}, target_model=model, noise=z, indices=idx)["loss"]
     rho, lo, hi = 7.0, 0.002, 80.0
-    sig = lambda i: (hi ** (1 / rho) + i / 10 * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho  # noqa: E731
+    sig = lambda i: (hi ** (1 / rho) + i / 10 * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
     t = torch.tensor([sig(i) for i in (0, 5, 9)], dtype=torch.float64)
     t2 = torch.tensor([sig(i + 1) for i in (0, 5, 9)], dtype=torch.float64)
     c = 0.00054 * math.sqrt(3 * 16 * 16)
@@ -159,7 +159,7 @@ def test_ect_loss_written_out(batch, weight_schedule):
     r = ect_r(t, 1, 2.0, 8.0, 1.0)
     assert r[0] == 0 and (r[1:] > 0).all()
     got = diffusion.ect_losses(model, x, t, r, model_kwargs={"y": y}, target_model=target, noise=z)["loss"]
-    b = lambda v: v.view(-1, 1, 1, 1)  # noqa: E731
+    b = lambda v: v.view(-1, 1, 1, 1)
     with torch.no_grad():
         online = f_explicit(model, x + b(t) * z, t, y, boundary=False)
         off = f_explicit(target, x + b(r) * z, r.clamp(min=1e-3), y, boundary=False)

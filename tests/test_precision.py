@@ -12,7 +12,7 @@ import torch
 from cm import precision as precision_module
 from cm import sample_util, train_util
 from cm.precision import Hardware, PrecisionWarning, choose_precision, detect_hardware, resolve_precision_args
-from cm.train_util import checkpoint_config
+from cm.checkpoints import checkpoint_config
 
 from test_scripts import TINY_FLAGS, load_script
 

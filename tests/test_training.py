@@ -14,7 +14,8 @@ import torch
 
 from cm.image_datasets import load_digits_arrays
 from cm.script_util import create_model_and_diffusion
-from cm.train_util import Precision, checkpoint_config
+from cm.checkpoints import checkpoint_config
+from cm.train_util import Precision
 
 from conftest import tiny_config
 from test_scripts import ROOT, TINY_FLAGS, load_script, run
@@ -171,12 +172,24 @@ def test_microbatches_take_the_same_step_as_the_whole_batch(tmp_path):
 
 
 def test_bf16_and_fp16_runs(tmp_path):
+    # two steps: bf16 is emulated (slow) on CPUs without AMX or AVX512-BF16
+    flags = TRAIN + " " + CT + " --total_training_steps 2 --log_interval 1 --save_interval 2"
+    train("cm_train", flags, tmp_path / "fp32")
+    start = initial_state()
+    update = {k: v - start[k] for k, v in state(tmp_path / "fp32", 2)["model"].items()}
     for flag in ("--use_bf16 True", "--use_fp16 True"):
         out = tmp_path / flag.split()[0][2:]
-        # two steps: bf16 is emulated (slow) on CPUs without AMX or AVX512-BF16
-        train("cm_train", TRAIN + " " + CT + f" --total_training_steps 2 --log_interval 1 --save_interval 2 {flag}", out)
+        train("cm_train", f"{flags} {flag}", out)
         assert all(torch.isfinite(v).all() for v in state(out, 2)["model"].values())
         assert all(v.dtype == torch.float32 for v in state(out, 2)["model"].values())
+        # the same two steps as in float32, up to the rounding of the lower precision: the weights moved
+        # the same way by about the same amount, from losses of about the same size
+        moved = {k: v - start[k] for k, v in state(out, 2)["model"].items()}
+        a, b = (torch.cat([d[k].flatten() for k in sorted(update)]) for d in (update, moved))
+        assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.95, flag
+        assert 0.9 < (b.norm() / a.norm()).item() < 1.1, flag
+        assert losses(out) == pytest.approx(losses(tmp_path / "fp32"), rel=0.02), flag
+    assert "lg_loss_scale" in (tmp_path / "use_fp16" / "progress.csv").read_text().splitlines()[0]
 
 
 def test_fp16_skips_a_step_with_overflowing_gradients():

@@ -1,0 +1,52 @@
+"""What every script's command line shares: typed flags from a defaults dict, and one-line errors.
+
+Expected failures (bad flags, data, checkpoints, a diverged loss) end a script with one line on
+stderr and exit status 1 instead of a traceback; CM_TRACEBACK=1 shows the traceback.
+"""
+
+import argparse
+import os
+import sys
+
+
+class NonFiniteLossError(RuntimeError):
+    """A float32/bf16 run met an inf/NaN loss (fp16 runs skip such steps instead)."""
+
+
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError, NonFiniteLossError)
+
+
+def str2bool(v):
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected (True/False), got {v!r}")
+
+
+def add_dict_to_argparser(parser, default_dict):
+    """One --flag per key, typed by its default (booleans take True/False)."""
+    for k, v in default_dict.items():
+        v_type = type(v)
+        if v is None:
+            v_type = str
+        elif isinstance(v, bool):
+            v_type = str2bool
+        parser.add_argument(f"--{k}", default=v, type=v_type)
+
+
+def args_to_dict(args, keys):
+    return {k: getattr(args, k) for k in keys}
+
+
+def run_cli(main):
+    """Run a script's main(), turning the expected failures into one line on stderr and exit status 1."""
+    try:
+        main()
+    except EXPECTED_ERRORS as err:
+        if os.environ.get("CM_TRACEBACK"):
+            raise
+        print(f"error: {err} (set CM_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        sys.exit(1)

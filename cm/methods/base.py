@@ -1,0 +1,88 @@
+"""What the training loop asks a training method (cm.train_util.TrainLoop knows nothing else about it).
+
+A method owns everything that differs between methods: its random draws per step (from the step's
+generator, cm.train_util.StepRandom, so a run does not depend on process count, microbatches or
+resumption), its per-sample loss, its curriculum, the extra networks it needs and how they start and
+update, the checkpoint files and training state beyond the model, EMAs and optimizer, its log keys,
+the scalings it trains and samples with, the flags it needs and the flag values it brings.
+"""
+
+
+class TrainingMethod:
+    """The interface, with the defaults most methods keep. Subclasses set the class attributes and
+    implement draw() and losses(); see cm/methods/edm.py for the smallest one."""
+
+    name = ""  # its --training_mode
+    flag_defaults = {}  # flag values it brings (a --config preset and the command line override them)
+    boundary_condition = True  # trains with the consistency scalings f(x, sigma_min) = x (CM paper, eq. 3)
+    samples_with_boundary_condition = True  # its models sample with them
+    needs_teacher = False  # requires --teacher_model_path (an EDM checkpoint)
+
+    @classmethod
+    def check_flags(cls, args):
+        """One clear error for flags the method cannot run with (before anything is built)."""
+        if cls.needs_teacher and not getattr(args, "teacher_model_path", ""):
+            raise ValueError(f"--training_mode {cls.name} needs --teacher_model_path (an EDM checkpoint)")
+
+    def __init__(self, args, diffusion):
+        self.check_flags(args)
+        self.diffusion = diffusion
+
+    # ---- networks ----------------------------------------------------------------------------
+
+    def build_networks(self, model, build_teacher=None):
+        """Before the loop: make the extra networks from the freshly built `model`; `build_teacher()`
+        returns the (network, denoiser) of --teacher_model_path with its weights (None: not given)."""
+
+    def setup(self, loop, resume_path):
+        """Once the loop holds the model (resumed from `resume_path`, or None), its precision and
+        optimizer: bring the extra networks to the same state (their files of that checkpoint)."""
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    def draw(self, rand, batch, step):
+        """This step's random inputs, {name: tensor with one row per sample of this process}."""
+        raise NotImplementedError
+
+    def losses(self, model, micro, cond, rows, step):
+        """{name: per-sample tensor}, "loss" the one trained on; `rows` are draw()'s rows of `micro`."""
+        raise NotImplementedError
+
+    def averages(self, step):
+        """(params, rate) averages that follow the trained weights, updated with the sampling EMAs
+        in one fused update after each optimizer step."""
+        return []
+
+    def after_step(self, loop):
+        """After the optimizer step and the averages, before the loop's step count moves on."""
+
+    def lr(self, base_lr, step, lr_anneal_steps):
+        """The learning rate at `step`: constant, or decayed linearly to 0 over lr_anneal_steps."""
+        if not lr_anneal_steps:
+            return base_lr
+        return base_lr * (1 - step / lr_anneal_steps)
+
+    def done(self, step, total_training_steps, lr_anneal_steps):
+        # the published CM loop never ended with lr_anneal_steps=0; total_training_steps ends it
+        return step >= total_training_steps
+
+    def log_values(self, step):
+        """{key: value} logged with every log line, beyond the loop's own."""
+        return {}
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def checkpoint_names(self, step):
+        """The method's files of the checkpoint at `step`."""
+        return []
+
+    def checkpoint_files(self, loop, step):
+        """{file name: state dict} of those files."""
+        return {}
+
+    def state(self):
+        """Training state beyond the loop's, saved in train_stateNNNNNN.pt."""
+        return {}
+
+    def load_state(self, state):
+        pass

@@ -1,0 +1,62 @@
+"""Consistency distillation (CD) and consistency training (CT), CM paper Algorithms 2 and 3, and
+improved consistency training (iCT, Song & Dhariwal 2023): CT on noise-level pairs drawn from a
+discretised lognormal, with iCT's weighting, distance and curriculum as flag defaults."""
+
+from ..losses import consistency_loss
+from ..schedule import inverse_cdf_indices, lognormal_index_probabilities
+from .target import TargetNetworkMethod
+
+
+class ConsistencyTraining(TargetNetworkMethod):
+    name = "consistency_training"
+
+    def __init__(self, args, diffusion):
+        super().__init__(args, diffusion)
+        self.teacher_solver = args.teacher_solver
+
+    def draw(self, rand, batch, step):
+        noise = rand.randn(*batch.shape[1:])
+        _, num_scales = self.ema_scale_fn(step)
+        return {"noise": noise, "indices": rand.randint(0, num_scales - 1)}  # n in 0..N-2: pairs (t_n, t_{n+1})
+
+    def losses(self, model, micro, cond, rows, step):
+        _, num_scales = self.ema_scale_fn(step)
+        return consistency_loss(
+            self.diffusion, model, micro, num_scales, cond, self.target_model, self.teacher_model,
+            self.teacher_diffusion, rows["noise"], rows["indices"], self.teacher_solver,
+            self.diffusion.lpips_network(micro.device),
+        )
+
+
+class ConsistencyDistillation(ConsistencyTraining):
+    name = "consistency_distillation"
+    needs_teacher = True
+    runs_teacher = True
+
+
+class ImprovedConsistencyTraining(ConsistencyTraining):
+    name = "improved_consistency_training"
+    # Song & Dhariwal 2023, Table 1: no target EMA, pseudo-Huber, exponential curriculum s0 = 10, s1 = 1280,
+    # weighting 1 / (sigma_{i+1} - sigma_i) (the lognormal noise levels come with the method itself)
+    flag_defaults = dict(
+        target_ema_mode="fixed", start_ema=0.0, scale_mode="exponential", start_scales=10, end_scales=1280,
+        loss_norm="pseudo-huber", weight_schedule="inverse-step",
+    )
+
+    @classmethod
+    def check_flags(cls, args):
+        super().check_flags(args)
+        if args.p_std <= 0:
+            raise ValueError(f"--p_std must be positive, got {args.p_std}")
+
+    def __init__(self, args, diffusion):
+        super().__init__(args, diffusion)
+        self.p_mean, self.p_std = args.p_mean, args.p_std
+
+    def draw(self, rand, batch, step):
+        # the pair (t_n, t_{n+1}) drawn from the lognormal's mass between them, by inverse CDF
+        noise = rand.randn(*batch.shape[1:])
+        _, num_scales = self.ema_scale_fn(step)
+        d = self.diffusion
+        probs = lognormal_index_probabilities(num_scales, d.sigma_min, d.sigma_max, d.rho, self.p_mean, self.p_std)
+        return {"noise": noise, "indices": inverse_cdf_indices(probs, rand.rand())}

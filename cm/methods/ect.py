@@ -1,0 +1,47 @@
+"""Easy consistency tuning (ECT, Geng et al. 2024): continuous t ~ lognormal(P_mean, P_std^2), r = r(t)
+from the stage schedule, starting from an EDM model; trained with EDM's scalings, as published (the
+network switches to the boundary-condition scalings only to sample)."""
+
+from ..losses import ect_loss
+from ..schedule import ect_r, ect_stage, lognormal_sigmas
+from .target import TargetNetworkMethod
+
+
+class EasyConsistencyTuning(TargetNetworkMethod):
+    name = "easy_consistency_tuning"
+    boundary_condition = False
+    needs_teacher = True  # the EDM model it starts from
+    # the published CIFAR-10 code: target = the online network without gradient, ||.||_2 (pseudo-Huber
+    # with c = 0) weighted by 1 / (t - r)
+    flag_defaults = dict(
+        target_ema_mode="fixed", start_ema=0.0, loss_norm="pseudo-huber", huber_c=0.0, weight_schedule="inverse-step",
+    )
+
+    @classmethod
+    def check_flags(cls, args):
+        super().check_flags(args)
+        if not (args.ect_q > 1 and args.ect_stage_steps >= 1):
+            raise ValueError(f"ECT needs --ect_q > 1 and --ect_stage_steps >= 1, got {args.ect_q} and {args.ect_stage_steps}")
+        if args.p_std <= 0:
+            raise ValueError(f"--p_std must be positive, got {args.p_std}")
+
+    def __init__(self, args, diffusion):
+        super().__init__(args, diffusion)
+        self.p_mean, self.p_std = args.p_mean, args.p_std
+        self.q, self.k, self.b, self.stage_steps = args.ect_q, args.ect_k, args.ect_b, args.ect_stage_steps
+
+    def draw(self, rand, batch, step):
+        noise = rand.randn(*batch.shape[1:])
+        t = lognormal_sigmas(rand.randn(), self.p_mean, self.p_std)
+        r = ect_r(t, ect_stage(step, self.stage_steps), self.q, self.k, self.b)
+        return {"noise": noise, "t": t, "r": r}
+
+    def losses(self, model, micro, cond, rows, step):
+        return ect_loss(
+            self.diffusion, model, micro, rows["t"], rows["r"], cond, self.target_model, rows["noise"],
+            self.diffusion.lpips_network(micro.device),
+        )
+
+    def log_values(self, step):
+        target_ema, _ = self.ema_scale_fn(step)
+        return {"target_ema": target_ema, "ect_stage": ect_stage(step, self.stage_steps)}

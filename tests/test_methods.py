@@ -1,0 +1,98 @@
+"""The training-method registry, and a method defined outside the library training through the loop."""
+
+import json
+import shlex
+
+import pytest
+import torch
+
+from cm import methods
+from cm.methods import TrainingMethod
+from cm.nn import mean_flat
+
+from test_scripts import load_script
+from test_training import TRAIN
+
+PUBLISHED_CM_MODES = ["consistency_distillation", "consistency_training", "progdist"]
+
+
+def test_every_published_mode_has_its_method():
+    for name in PUBLISHED_CM_MODES + ["edm", "improved_consistency_training", "easy_consistency_tuning"]:
+        assert methods.method_class(name).name == name
+    with pytest.raises(ValueError, match="unknown --training_mode bogus; choose one of edm, consistency_distillation"):
+        methods.method_class("bogus")
+
+
+def test_scalings_follow_the_published_rule():
+    # the published sampling scripts: consistency scalings for every mode named "...consistency..."
+    for name in methods.METHODS:
+        assert methods.samples_with_boundary_condition(name) == ("consistency" in name), name
+    # in training, ECT keeps EDM's scalings (it starts from an EDM model) and so does progdist
+    trained = {name for name, cls in methods.METHODS.items() if cls.boundary_condition}
+    assert trained == {"consistency_distillation", "consistency_training", "improved_consistency_training"}
+
+
+class ShiftedDenoising(TrainingMethod):
+    """A toy: EDM's denoising loss at one noise level that moves each step, with a state, a log key
+    and a checkpoint file of its own."""
+
+    name = "toy_shifted_denoising"
+    boundary_condition = False
+    samples_with_boundary_condition = False
+    flag_defaults = dict(loss_norm="l2")
+
+    def __init__(self, args, diffusion):
+        super().__init__(args, diffusion)
+        self.sigma = 0.5
+        self.calls = 0
+
+    def draw(self, rand, batch, step):
+        return {"noise": rand.randn(*batch.shape[1:])}
+
+    def losses(self, model, micro, cond, rows, step):
+        sigmas = torch.full((micro.shape[0],), self.sigma, device=micro.device)
+        _, denoised = self.diffusion.denoise(model, micro + rows["noise"] * self.sigma, sigmas, **cond)
+        return {"loss": mean_flat((denoised - micro) ** 2)}
+
+    def after_step(self, loop):
+        self.calls += 1
+        self.sigma *= 1.1
+
+    def log_values(self, step):
+        return {"toy_sigma": self.sigma}
+
+    def checkpoint_names(self, step):
+        return [f"toy{step:06d}.pt"]
+
+    def checkpoint_files(self, loop, step):
+        return {f"toy{step:06d}.pt": {"sigma": torch.tensor(self.sigma)}}
+
+    def state(self):
+        return {"toy_sigma": self.sigma}
+
+    def load_state(self, state):
+        self.sigma = state["toy_sigma"]
+
+
+@pytest.fixture
+def toy_registered():
+    methods.register(ShiftedDenoising)
+    yield
+    del methods.METHODS[ShiftedDenoising.name]
+
+
+def test_a_method_registered_from_outside_trains_through_the_unchanged_loop(toy_registered, tmp_path):
+    main = load_script("cm_train").main
+    flags = TRAIN + " --training_mode toy_shifted_denoising --log_interval 1 --save_interval 2"
+    main(shlex.split(flags + f" --total_training_steps 2 --log_dir {tmp_path}"))
+    assert torch.load(tmp_path / "toy000002.pt", weights_only=True)["sigma"].item() == pytest.approx(0.5 * 1.1**2)
+    assert not (tmp_path / "target_model000002.pt").exists()  # the loop makes no network the method does not ask for
+    main(shlex.split(flags + f" --total_training_steps 3 --log_dir {tmp_path}"))  # resumes, state included
+    state = torch.load(tmp_path / "train_state000003.pt", weights_only=True)
+    assert state["toy_sigma"] == pytest.approx(0.5 * 1.1**3) and state["step"] == 3
+    header, *rows = (tmp_path / "progress.csv").read_text().splitlines()
+    column = header.split(",").index("toy_sigma")
+    assert float(rows[-1].split(",")[column]) == pytest.approx(0.5 * 1.1**3)
+    assert json.loads((tmp_path / "config.json").read_text())["loss_norm"] == "l2"  # its flag default
+    first, last = (torch.load(tmp_path / f"model00000{k}.pt", weights_only=True) for k in (2, 3))
+    assert any(not torch.equal(first[k], last[k]) for k in first)
