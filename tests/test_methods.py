@@ -96,3 +96,12 @@ def test_a_method_registered_from_outside_trains_through_the_unchanged_loop(toy_
     assert json.loads((tmp_path / "config.json").read_text())["loss_norm"] == "l2"  # its flag default
     first, last = (torch.load(tmp_path / f"model00000{k}.pt", weights_only=True) for k in (2, 3))
     assert any(not torch.equal(first[k], last[k]) for k in first)
+
+
+def test_edm_trains_through_cm_train_and_refuses_a_teacher(tmp_path):
+    main = load_script("cm_train").main
+    flags = TRAIN + " --training_mode edm --schedule_sampler lognormal --weight_schedule karras --total_training_steps 2"
+    with pytest.raises(ValueError, match="takes no --teacher_model_path"):
+        main(shlex.split(flags + f" --teacher_model_path {tmp_path / 'x.pt'} --log_dir {tmp_path / 'a'}"))
+    main(shlex.split(flags + f" --save_interval 2 --log_dir {tmp_path / 'b'}"))
+    assert (tmp_path / "b" / "model000002.pt").exists() and not (tmp_path / "b" / "target_model000002.pt").exists()

@@ -32,7 +32,13 @@ class TrainingMethod:
 
     def build_networks(self, model, build_teacher=None):
         """Before the loop: make the extra networks from the freshly built `model`; `build_teacher()`
-        returns the (network, denoiser) of --teacher_model_path with its weights (None: not given)."""
+        returns the (network, denoiser) of --teacher_model_path with its weights, on the device (None:
+        not given). A method without extra networks takes no teacher."""
+        if build_teacher is not None:
+            raise ValueError(
+                f"--training_mode {self.name} takes no --teacher_model_path (to start from a checkpoint, pass "
+                "--resume_checkpoint)"
+            )
 
     def setup(self, loop, resume_path):
         """Once the loop holds the model (resumed from `resume_path`, or None), its precision and
