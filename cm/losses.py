@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .nn import append_dims, mean_flat
+from .random_util import rng_states, set_rng_states
 from .schedule import index_to_sigma, karras_sigma
 
 WEIGHT_SCHEDULES = ("snr", "snr+1", "karras", "truncated-snr", "uniform", "inverse-step")
@@ -120,18 +121,6 @@ def _random_inputs(x_start, model_kwargs, noise, indices, num_indices):
     return model_kwargs or {}, noise, indices.to(x_start.dtype)
 
 
-def _rng_states(device):
-    """The random state dropout draws from on `device` (CPU, plus the GPU's own when on CUDA)."""
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_states(device, states):
-    torch.set_rng_state(states[0])
-    if states[1] is not None:
-        torch.cuda.set_rng_state(states[1], device)
-
-
 def consistency_loss(
     diffusion,
     model,
@@ -161,7 +150,7 @@ def consistency_loss(
     t2 = index_to_sigma(indices + 1, **grid)
     x_t = x_start + noise * append_dims(t, x_start.ndim)
 
-    dropout_state = _rng_states(x_start.device)
+    dropout_state = rng_states(x_start.device)
     distiller = diffusion.denoise(model, x_t, t, **model_kwargs)[1]
 
     if teacher_model is None:
@@ -171,7 +160,7 @@ def consistency_loss(
             x_t, t, t2, lambda x, s: teacher_diffusion.denoise(teacher_model, x, s, **model_kwargs)[1], teacher_solver
         )
 
-    _set_rng_states(x_start.device, dropout_state)
+    set_rng_states(x_start.device, dropout_state)
     with torch.inference_mode():  # a constant of the loss: no autograd bookkeeping
         distiller_target = diffusion.denoise(target_model, x_t2, t2, **model_kwargs)[1]
 
@@ -194,9 +183,9 @@ def ect_loss(diffusion, model, x_start, t, r, model_kwargs=None, target_model=No
     if noise is None:
         noise = torch.randn_like(x_start)
     dims = x_start.ndim
-    dropout_state = _rng_states(x_start.device)
+    dropout_state = rng_states(x_start.device)
     online = diffusion.denoise(model, x_start + noise * append_dims(t, dims), t, **model_kwargs)[1]
-    _set_rng_states(x_start.device, dropout_state)
+    set_rng_states(x_start.device, dropout_state)
     with torch.inference_mode():  # a constant of the loss: no autograd bookkeeping
         target = diffusion.denoise(target_model, x_start + noise * append_dims(r, dims), r, **model_kwargs)[1]
         target = torch.where(append_dims(r > 0, dims), target, x_start)

@@ -79,8 +79,10 @@ def timestep_embedding(timesteps, dim, max_period=10000):
 
 
 def sinusoidal_features(x, freqs):
-    """[cos(x f) | sin(x f)] of a 1-D batch x over frequencies f: an [N x 2F] float32 tensor."""
-    args = x[:, None].float() * freqs[None].float()
+    """[cos(x f) | sin(x f)] of a 1-D batch x over frequencies f: an [N x 2F] float32 tensor (float64 for
+    float64 x, so a float64 network stays float64 throughout)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    args = x[:, None].to(dtype) * freqs[None].to(dtype)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 

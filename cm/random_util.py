@@ -177,3 +177,16 @@ class DeterministicIndividualGenerator(_SampleIndexedGenerator):
     def set_done_samples(self, done_samples):
         """Move to the batch starting at global sample `done_samples` (each sample's stream continues)."""
         self.done_samples = done_samples
+
+
+def rng_states(device):
+    """The random state dropout draws from on `device` (CPU, plus the GPU's own when on CUDA)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def set_rng_states(device, states):
+    """Restore what rng_states returned: the next dropout mask repeats the one drawn after it."""
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state(states[1], device)

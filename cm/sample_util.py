@@ -31,8 +31,9 @@ from .image_io import save_npz, to_uint8_nhwc
 from .precision import resolve_precision_args
 from .random_util import get_generator
 from .samplers import karras_sample
-from .methods import samples_with_boundary_condition
+from .methods import parameterization, samples_with_boundary_condition
 from .script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from .trigflow import TrigFlowDenoiser, sample_trigflow
 
 def sampling_argparser(description, **script_defaults):
     """The parser of a sampling script: the published image_sample.py flags, this project's additions,
@@ -58,6 +59,8 @@ def sampling_argparser(description, **script_defaults):
         channels_last=False,  # fast path: run the network in the channels_last (NHWC) memory format
         compile=False,  # fast path: torch.compile the network (compiles on the first batch)
         precision="auto",  # auto | fp32 | bf16 | fp16 of the torso; auto: bf16 where the device runs it natively
+        time_input="edm",  # sCM models' time input: edm (250 ln(sigma_d tan t)) | identity (t; sCT from scratch)
+        t_mid="1.1",  # sCM multistep: the intermediate TrigFlow times, decreasing (the paper's ImageNet-64 two-step: 1.1)
     )
     defaults.update(model_and_diffusion_defaults())
     defaults.update(script_defaults)
@@ -70,6 +73,7 @@ def sampling_argparser(description, **script_defaults):
 SAMPLE_SETTINGS = (
     "training_mode", "generator", "clip_denoised", "num_samples", "sampler", "s_churn", "s_tmin", "s_tmax",
     "s_noise", "steps", "model_path", "seed", "ts", "class_labels", "sigma_min", "sigma_max", "precision",
+    "time_input", "t_mid",
 )
 
 
@@ -82,8 +86,11 @@ def parse_int_list(text, flag):
 
 def check_sampling_args(args):
     """The flag combinations that cannot work, as one-line errors; returns (ts, class_labels)."""
-    ts = parse_int_list(args.ts, "ts") if args.sampler == "multistep" else None
-    if args.sampler == "multistep" and len(ts) < 2:
+    trigflow = parameterization(args.training_mode) == "trigflow"
+    if trigflow and args.sampler not in ("onestep", "multistep"):
+        raise ValueError(f"--training_mode {args.training_mode} samples with --sampler onestep, or multistep at --t_mid")
+    ts = parse_int_list(args.ts, "ts") if args.sampler == "multistep" and not trigflow else None
+    if ts is not None and len(ts) < 2:
         raise ValueError("--sampler multistep needs --ts, e.g. --ts 0,22,39 with --steps 40")
     class_labels = parse_int_list(args.class_labels, "class_labels") if args.class_labels else ()
     if class_labels and not args.class_cond:
@@ -95,6 +102,19 @@ def check_sampling_args(args):
     return ts, class_labels
 
 
+def trigflow_t_mid(args):
+    """sCM's intermediate times of --sampler multistep (--t_mid, decreasing, in (0, pi/2)); () for one step."""
+    if args.sampler != "multistep" or parameterization(args.training_mode) != "trigflow":
+        return ()
+    try:
+        times = tuple(float(v) for v in args.t_mid.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--t_mid must be comma-separated numbers, got {args.t_mid!r}") from None
+    if not times or any(not 0 < t < math.pi / 2 for t in times) or list(times) != sorted(times, reverse=True):
+        raise ValueError(f"--t_mid must be decreasing times in (0, pi/2), e.g. 1.1; got {args.t_mid!r}")
+    return times
+
+
 def load_sampling_model(args):
     """The model and its denoiser from the flags, weights loaded, on this rank's device, in eval mode,
     its torso in the precision chosen for this device (cm.precision; resolved into the flags)."""
@@ -104,6 +124,8 @@ def load_sampling_model(args):
     model, diffusion = create_model_and_diffusion(
         **args_to_dict(args, model_and_diffusion_defaults().keys()), distillation=distillation
     )
+    if parameterization(args.training_mode) == "trigflow":  # sCM models: time t, f = cos(t) x - sin(t) sigma_d F
+        diffusion = TrigFlowDenoiser(diffusion.sigma_data, args.time_input, diffusion.sigma_max)
     if args.model_path:
         logger.log(f"loading {args.model_path}")
         load_model_weights(model, args.model_path, read_weights(args.model_path))
@@ -184,12 +206,14 @@ def generate_samples(
     shard_dir=None,
     settings=None,
     progress=True,
+    t_mid=(),
     **sample_kwargs,
 ):
     """Draw `num_samples` images (uint8 NHWC) and their labels (or None) from all processes, returned
     on rank 0 (None elsewhere). Labels: `class_labels` cycled over the samples, else uniform over
     num_classes from the generator. With `shard_dir`, each round is kept there and a rerun resumes.
-    `sample_kwargs` go to karras_sample (clip_denoised, sigma_min, sigma_max, s_churn, ...)."""
+    `sample_kwargs` go to karras_sample (clip_denoised, sigma_min, sigma_max, s_churn, ...); a TrigFlow
+    `diffusion` (sCM) samples in one step, then once more at each time of `t_mid`."""
     device = dist_util.dev()
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     images, labels, done = [], [], 0
@@ -213,10 +237,13 @@ def generate_samples(
                 model_kwargs["y"] = torch.tensor(class_labels)[index % len(class_labels)].to(device)
             else:
                 model_kwargs["y"] = gen.randint(0, num_classes, (per_rank,), device=device)
-        sample = karras_sample(
-            diffusion, model, (per_rank, 3, image_size, image_size), steps=steps, model_kwargs=model_kwargs,
-            device=device, sampler=sampler, generator=gen, ts=ts, **sample_kwargs,
-        )
+        shape = (per_rank, 3, image_size, image_size)
+        if isinstance(diffusion, TrigFlowDenoiser):
+            sample = sample_trigflow(diffusion, model, shape, gen, ts=t_mid, model_kwargs=model_kwargs, device=device,
+                                     clip_denoised=sample_kwargs["clip_denoised"])
+        else:
+            sample = karras_sample(diffusion, model, shape, steps=steps, model_kwargs=model_kwargs, device=device,
+                                   sampler=sampler, generator=gen, ts=ts, **sample_kwargs)
         round_images = in_global_order(dist_util.all_gather(torch.from_numpy(to_uint8_nhwc(sample)).to(device)))
         round_labels = in_global_order(dist_util.all_gather(model_kwargs["y"])) if class_cond else None
         count = min(per_rank * world, num_samples - round_start)

@@ -52,6 +52,12 @@ def cm_train_defaults():
         ect_k=8.0,  # ECT's n(t) = 1 + k sigmoid(-b t): k (0: the constant mapping)
         ect_b=1.0,  # ... and b
         ect_stage_steps=25000,  # d: ECT's stage lasts this many steps (published CIFAR-10: 25k at batch 128)
+        time_input="edm",  # sCM's network time input: edm (250 ln(sigma_d tan t), an EDM network's own) | identity (t)
+        tangent_warmup_steps=10000,  # sCM: r of the tangent rises linearly from 0 to 1 over this many steps
+        tangent_norm_c=0.1,  # sCM: tangent normalisation g / (||g|| + c)
+        jvp="forward",  # sCM's dF/dt: forward (torch.func.jvp) | finite_diff
+        jvp_eps=1e-3,  # sCM: the step of --jvp finite_diff (in t; x moves by eps dx/dt)
+        scm_weighting="adaptive",  # sCM's loss weighting: adaptive (learned w(t)) | prior (1 / (sigma_d tan t))
     )
 
 

@@ -19,12 +19,15 @@ from cm.sample_util import (
     load_sampling_model,
     sample_kwargs,
     sampling_argparser,
+    trigflow_t_mid,
 )
 from cm.cli import run_cli
+
 
 def main(argv=None):
     args = parse_args_with_config(create_argparser(), argv, "image_sample.py")
     ts, class_labels = check_sampling_args(args)
+    t_mid = trigflow_t_mid(args)
     dist_util.setup_dist(device=args.device or None)
     logger.configure(args.log_dir or None)
     model, diffusion = load_sampling_model(args)
@@ -34,7 +37,7 @@ def main(argv=None):
         diffusion, model, num_samples=args.num_samples, batch_size=args.batch_size, image_size=args.image_size,
         sampler=args.sampler, steps=args.steps, ts=ts, generator=args.generator, seed=args.seed,
         class_cond=args.class_cond, num_classes=args.num_classes, class_labels=class_labels, shard_dir=shard_dir,
-        settings={k: str(getattr(args, k)) for k in SAMPLE_SETTINGS}, **sample_kwargs(args),
+        settings={k: str(getattr(args, k)) for k in SAMPLE_SETTINGS}, t_mid=t_mid, **sample_kwargs(args),
     )
     if dist_util.get_rank() == 0:
         path = os.path.join(logger.get_dir(), f"samples_{'x'.join(str(s) for s in images.shape)}.npz")

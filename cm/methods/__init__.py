@@ -9,6 +9,7 @@ from .consistency import ConsistencyDistillation, ConsistencyTraining, ImprovedC
 from .ect import EasyConsistencyTuning
 from .edm import EDM
 from .progdist import ProgressiveDistillation
+from .scm import ContinuousConsistencyDistillation, ContinuousConsistencyTraining
 
 METHODS = {}
 
@@ -28,6 +29,8 @@ for _cls in (
     ProgressiveDistillation,
     ImprovedConsistencyTraining,
     EasyConsistencyTuning,
+    ContinuousConsistencyTraining,
+    ContinuousConsistencyDistillation,
 ):
     register(_cls)
 
@@ -42,6 +45,11 @@ def method_class(name):
 def mode_flag_defaults():
     """{training_mode: {flag: value}}: the flag values each method brings (cm.config.parse_args_with_config)."""
     return {name: dict(cls.flag_defaults) for name, cls in METHODS.items() if cls.flag_defaults}
+
+
+def parameterization(name):
+    """The time variable of --training_mode `name`'s models: "karras" (sigma) or "trigflow" (t)."""
+    return method_class(name).parameterization
 
 
 def samples_with_boundary_condition(name):

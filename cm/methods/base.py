@@ -13,6 +13,7 @@ class TrainingMethod:
     implement draw() and losses(); see cm/methods/edm.py for the smallest one."""
 
     name = ""  # its --training_mode
+    parameterization = "karras"  # its models' time variable: "karras" (sigma, cm.denoiser) or "trigflow" (t, cm.trigflow)
     flag_defaults = {}  # flag values it brings (a --config preset and the command line override them)
     boundary_condition = True  # trains with the consistency scalings f(x, sigma_min) = x (CM paper, eq. 3)
     samples_with_boundary_condition = True  # its models sample with them

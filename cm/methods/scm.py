@@ -1,0 +1,174 @@
+"""Continuous-time consistency training and distillation (sCT, sCD; Lu & Song, ICLR 2025, Algorithm 1) on
+TrigFlow (cm/trigflow.py).
+
+Per sample: t = arctan(exp(P_mean + P_std n) / sigma_d), x_t = cos(t) x_0 + sin(t) z with z ~ N(0, sigma_d^2 I);
+dx_t/dt = cos(t) z - sin(t) x_0 (sCT) or sigma_d F_teacher(x_t / sigma_d, t) (sCD); F^- and dF^-/dt, the online
+network under stop-gradient with the same dropout mask (no EMA target), from one JVP along (dx_t/dt, 1)
+(cm/jvp.py); the tangent
+    g = -cos^2(t) (sigma_d F^- - dx_t/dt) - r cos(t) sin(t) (x_t + sigma_d dF^-/dt),
+r warmed up linearly from 0 to 1 over --tangent_warmup_steps, normalised g / (||g|| + c); the loss
+    e^{-w(t)} / D ||F_theta - F^- - g||^2 + w(t),
+w(t) a small learned head (adaptive weighting; D the numbers per image), or w(t) = -ln(prior weight) fixed.
+The teacher of sCD is class-conditional and has no unconditional mode (none of the published EDM checkpoints
+has one), so there is no classifier-free guidance.
+"""
+
+import torch
+import torch.nn as nn
+from torch.optim import RAdam
+
+from .. import dist_util
+from ..checkpoints import CheckpointIO
+from ..denoiser import network_time
+from ..jvp import network_jvp
+from ..nn import append_dims, mean_flat, timestep_embedding
+from ..random_util import rng_states, set_rng_states
+from ..trigflow import TrigFlowDenoiser, lognormal_t, sigma_of_t
+from .base import TrainingMethod
+
+WEIGHTINGS = ("adaptive", "prior")
+
+
+class AdaptiveWeight(nn.Module):
+    """w_phi(t): a linear head on sinusoidal features of EDM's time input 250 ln(sigma_d tan t); zero at start."""
+
+    def __init__(self, channels=128, sigma_data=0.5):
+        super().__init__()
+        self.channels, self.sigma_data = channels, sigma_data
+        self.linear = nn.Linear(channels, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, t):
+        features = timestep_embedding(network_time(sigma_of_t(t.float(), self.sigma_data)), self.channels)
+        return self.linear(features)[:, 0]
+
+
+def prior_log_weight(t, sigma_data):
+    """-ln of the prior weighting 1 / (sigma_d tan t) (sCM, Sec. 4.2), as the fixed w(t)."""
+    return torch.log(sigma_data * torch.tan(t))
+
+
+class ContinuousConsistencyTraining(TrainingMethod):
+    name = "continuous_consistency_training"
+    parameterization = "trigflow"
+    boundary_condition = False  # TrigFlow's f(x, 0) = x holds by construction
+    samples_with_boundary_condition = False
+    # the paper's ImageNet-64 settings from scratch: identity time input, lognormal (-1.0, 1.4)
+    flag_defaults = dict(time_input="identity", p_mean=-1.0, p_std=1.4)
+
+    @classmethod
+    def check_flags(cls, args):
+        super().check_flags(args)
+        if args.use_fp16:
+            raise ValueError(f"--training_mode {cls.name} runs its JVP in float32 and trains in float32 or bf16; "
+                             "fp16 is refused (pass --precision bf16 or fp32 instead of --use_fp16)")
+        if args.p_std <= 0:
+            raise ValueError(f"--p_std must be positive, got {args.p_std}")
+        if args.scm_weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown --scm_weighting {args.scm_weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+
+    def __init__(self, args, diffusion):
+        super().__init__(args, diffusion)
+        self.trigflow = TrigFlowDenoiser(diffusion.sigma_data, args.time_input, diffusion.sigma_max)
+        self.p_mean, self.p_std = args.p_mean, args.p_std
+        self.warmup_steps = args.tangent_warmup_steps
+        self.norm_c = args.tangent_norm_c
+        self.jvp, self.jvp_eps = args.jvp, args.jvp_eps
+        self.weighting = args.scm_weighting
+        self.head_lr = args.lr  # the adaptive-weight head learns at the network's rate
+        self.teacher_model = None
+        self.weight_head = self.weight_opt = None
+
+    def build_networks(self, model, build_teacher=None):
+        if build_teacher is not None:
+            teacher, _ = build_teacher()
+            model.load_state_dict(teacher.state_dict())  # the student starts from the teacher, as in every method
+            if self.needs_teacher:
+                self.teacher_model = teacher.eval().requires_grad_(False)
+        if self.weighting == "adaptive":
+            device = next(model.parameters()).device
+            self.weight_head = AdaptiveWeight(sigma_data=self.trigflow.sigma_data).to(device)
+            self.weight_opt = RAdam(self.weight_head.parameters(), lr=self.head_lr)
+
+    def setup(self, loop, resume_path):
+        head_file = resume_path and CheckpointIO.companion(resume_path, f"scm_weight{loop.step:06d}.pt")
+        if self.weight_head is not None and head_file:
+            state = CheckpointIO.load(head_file, map_location=loop.device)
+            self.weight_head.load_state_dict(state["head"])
+            self.weight_opt.load_state_dict(state["opt"])
+
+    def tangent_r(self, step):
+        return min(1.0, step / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+
+    def draw(self, rand, batch, step):
+        if self.weight_head is not None:
+            self.weight_head.zero_grad(set_to_none=True)
+        z = rand.randn(*batch.shape[1:]) * self.trigflow.sigma_data
+        t = lognormal_t(rand.randn(), self.p_mean, self.p_std, self.trigflow.sigma_data)
+        return {"noise": z, "t": t}
+
+    def dx_dt(self, x_t, x0, z, t, cond):
+        """sCT: the exact dx_t/dt of this sample's trajectory, cos(t) z - sin(t) x_0."""
+        t = append_dims(t, x0.ndim)
+        return torch.cos(t) * z - torch.sin(t) * x0
+
+    def losses(self, model, micro, cond, rows, step):
+        sd = self.trigflow.sigma_data
+        z, t = rows["noise"], rows["t"].to(micro.dtype)
+        tt = append_dims(t, micro.ndim)
+        x_t = torch.cos(tt) * micro + torch.sin(tt) * z
+        dx_dt = self.dx_dt(x_t, micro, z, t, cond)
+        net = getattr(model, "module", model)  # the stop-gradient passes need no DDP
+
+        def network(x, s):
+            return self.trigflow.network(net, x, s, **cond)
+
+        dropout_state = rng_states(micro.device)
+        F_minus, dF_dt = network_jvp(network, x_t, t, dx_dt, self.jvp, self.jvp_eps)
+        r = self.tangent_r(step)
+        g = -torch.cos(tt) ** 2 * (sd * F_minus - dx_dt) - r * torch.cos(tt) * torch.sin(tt) * (x_t + sd * dF_dt)
+        g = g / (append_dims(g.flatten(1).norm(dim=1), g.ndim) + self.norm_c)
+        set_rng_states(micro.device, dropout_state)
+        F_theta = self.trigflow.network(model, x_t, t, **cond)
+        mse = mean_flat((F_theta.to(F_minus.dtype) - F_minus - g) ** 2)  # F^- and g in float32 (float64 in tests)
+        with torch.autocast(micro.device.type, enabled=False):
+            w = self.weight_head(t) if self.weight_head is not None else prior_log_weight(t, sd)
+        return {"loss": torch.exp(-w) * mse + w, "mse": mse}
+
+    def after_step(self, loop):
+        if self.weight_head is None:
+            return
+        for p in self.weight_head.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad = dist_util.all_reduce_mean(p.grad)
+        self.weight_opt.step()
+
+    def log_values(self, step):
+        return {"tangent_r": self.tangent_r(step)}
+
+    def checkpoint_names(self, step):
+        return [f"scm_weight{step:06d}.pt"] if self.weight_head is not None else []
+
+    def checkpoint_files(self, loop, step):
+        if self.weight_head is None:
+            return {}
+        return {f"scm_weight{step:06d}.pt": {"head": self.weight_head.state_dict(), "opt": self.weight_opt.state_dict()}}
+
+
+class ContinuousConsistencyDistillation(ContinuousConsistencyTraining):
+    name = "continuous_consistency_distillation"
+    needs_teacher = True
+    # from an EDM teacher: its own time input (250 ln sigma) and architecture
+    flag_defaults = dict(time_input="edm", p_mean=-0.8, p_std=1.6)
+
+    def __init__(self, args, diffusion):
+        super().__init__(args, diffusion)
+        self.teacher_trigflow = TrigFlowDenoiser(diffusion.sigma_data, "edm", diffusion.sigma_max)
+
+    def dx_dt(self, x_t, x0, z, t, cond):
+        """sCD: the teacher's ODE direction sigma_d F_teacher(x_t / sigma_d, t), without gradient."""
+        with torch.no_grad(), torch.autocast(x_t.device.type, enabled=False):
+            return self.trigflow.sigma_data * self.teacher_trigflow.network(self.teacher_model, x_t, t, **cond)
+

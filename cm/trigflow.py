@@ -1,0 +1,96 @@
+"""TrigFlow (Lu & Song, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models", ICLR 2025,
+Sec. 2): x_t = cos(t) x_0 + sin(t) z with z ~ N(0, sigma_d^2 I), t in [0, pi/2]; the probability-flow ODE
+dx_t/dt = sigma_d F(x_t / sigma_d, t); the consistency function f(x_t, t) = cos(t) x_t - sin(t) sigma_d F(x_t / sigma_d, t),
+for which f(x, 0) = x exactly.
+
+Its relation to the Karras/EDM noise level: at equal signal-to-noise ratio sigma = sigma_d tan(t), and the EDM
+input is x_sigma = x_t / cos(t). EDM's scalings then give c_in x_sigma = x_t / sigma_d, c_skip = cos^2 t,
+c_out = sigma_d sin t, so an EDM network's raw output F_edm (our U-Net under cm.denoiser's EDM scalings, or any
+published EDM checkpoint) is a TrigFlow network with F = -F_edm at the time input c_noise = 250 ln(sigma_d tan t):
+no retraining. Networks trained from scratch take the identity time input c_noise(t) = t (the paper's choice).
+"""
+
+import math
+
+import torch
+
+from .denoiser import network_time
+from .nn import append_dims
+
+TIME_INPUTS = ("edm", "identity")
+
+
+def sigma_of_t(t, sigma_data):
+    """The EDM noise level of TrigFlow time t (equal signal-to-noise ratio)."""
+    return sigma_data * torch.tan(t)
+
+
+def t_of_sigma(sigma, sigma_data):
+    """The TrigFlow time of EDM noise level sigma."""
+    return torch.atan(sigma / sigma_data)
+
+
+def lognormal_t(normal, p_mean, p_std, sigma_data):
+    """Training times t = arctan(exp(P_mean + P_std n) / sigma_d) from standard normal draws n (sCM, Sec. 4)."""
+    return torch.atan(torch.exp(p_mean + p_std * normal) / sigma_data)
+
+
+class TrigFlowDenoiser:
+    """F(x_t / sigma_d, t) from a U-Net, and the consistency function f.
+
+    time_input "identity": the network sees c_noise(t) = t and its output is F; "edm": it sees EDM's
+    250 ln(sigma_d tan t) and its output is -F (an EDM network, unchanged). sigma_max bounds the sampling
+    start for "edm" networks, which were never trained at t = pi/2 (sigma = infinity)."""
+
+    def __init__(self, sigma_data=0.5, time_input="identity", sigma_max=80.0):
+        if time_input not in TIME_INPUTS:
+            raise ValueError(f"unknown time_input {time_input!r}; choose one of {', '.join(TIME_INPUTS)}")
+        self.sigma_data = sigma_data
+        self.time_input = time_input
+        self.sigma_max = sigma_max
+
+    @property
+    def t_max(self):
+        """The largest time the network sees: pi/2, or arctan(sigma_max / sigma_d) for an EDM network."""
+        if self.time_input == "edm":
+            return math.atan(self.sigma_max / self.sigma_data)
+        return math.pi / 2
+
+    def network_time(self, t):
+        if self.time_input == "edm":
+            return network_time(sigma_of_t(t, self.sigma_data))
+        return t
+
+    def network(self, model, x_t, t, **model_kwargs):
+        """F(x_t / sigma_d, t)."""
+        out = model(x_t / self.sigma_data, self.network_time(t), **model_kwargs)
+        return -out if self.time_input == "edm" else out
+
+    def consistency(self, x_t, t, F):
+        """f = cos(t) x_t - sin(t) sigma_d F."""
+        t = append_dims(t, x_t.ndim)
+        return torch.cos(t) * x_t - torch.sin(t) * self.sigma_data * F
+
+    def denoise(self, model, x_t, t, **model_kwargs):
+        """(F, f(x_t, t)), as cm.denoiser.Denoiser.denoise returns (raw output, denoised)."""
+        F = self.network(model, x_t, t, **model_kwargs)
+        return F, self.consistency(x_t, t, F)
+
+
+@torch.no_grad()
+def sample_trigflow(denoiser, model, shape, generator, ts=None, model_kwargs=None, device=None, clip_denoised=True):
+    """One- or multistep TrigFlow consistency sampling (sCM, Algorithm 1 of its appendix): x = sigma_d z at
+    t_max, x_0 = f(x, t_max); then for each further t: x = cos(t) x_0 + sin(t) sigma_d z, x_0 = f(x, t).
+    `ts` lists the further times in decreasing order (the paper's ImageNet-64 two-step: [1.1])."""
+    model_kwargs = model_kwargs or {}
+    sd = denoiser.sigma_data
+    times = [denoiser.t_max] + [float(t) for t in (ts or [])]
+    x0 = None
+    for i, t_value in enumerate(times):
+        z = generator.randn(*shape, device=device) * sd
+        t = torch.full((shape[0],), t_value, device=device)
+        x = z if i == 0 else torch.cos(t[0]) * x0 + torch.sin(t[0]) * z
+        x0 = denoiser.denoise(model, x, t, **model_kwargs)[1]
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+    return x0

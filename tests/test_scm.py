@@ -1,0 +1,184 @@
+"""Continuous-time consistency models: TrigFlow, the JVP, the sCT/sCD tangent and loss, and short runs."""
+
+import argparse
+import math
+import shlex
+
+import numpy as np
+import pytest
+import torch
+
+from cm.jvp import network_jvp
+from cm.methods import ContinuousConsistencyTraining
+from cm.methods.scm import AdaptiveWeight
+from cm.script_util import cm_train_defaults, create_model_and_diffusion
+from cm.trigflow import TrigFlowDenoiser, sigma_of_t, t_of_sigma
+
+from conftest import randomize, tiny_config
+from test_scripts import TINY_FLAGS, load_script
+from test_training import TRAIN, train
+
+
+def random_unet(dtype=torch.float32, **overrides):
+    torch.manual_seed(0)
+    model, diffusion = create_model_and_diffusion(**tiny_config(**overrides))
+    return randomize(model).to(dtype).eval(), diffusion
+
+
+def test_trigflow_f_is_the_edm_denoiser_at_the_matched_noise_level():
+    model, edm = random_unet()  # distillation False: EDM's scalings
+    x0, z = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16) * 0.5
+    t = torch.tensor([0.05, 0.4, 1.0, 1.5])
+    x_t = torch.cos(t)[:, None, None, None] * x0 + torch.sin(t)[:, None, None, None] * z
+    y = torch.arange(4)
+    with torch.no_grad():
+        f = TrigFlowDenoiser(0.5, "edm").denoise(model, x_t, t, y=y)[1]
+        sigma = sigma_of_t(t, 0.5)
+        expected = edm.denoise(model, x_t / torch.cos(t)[:, None, None, None], sigma, y=y)[1]  # x_sigma = x_t / cos t
+    torch.testing.assert_close(f, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(t_of_sigma(sigma, 0.5), t)
+    identity = TrigFlowDenoiser(0.5, "identity")
+    with torch.no_grad():
+        torch.testing.assert_close(identity.denoise(model, x_t, torch.zeros(4), y=y)[1], x_t, rtol=0, atol=0)  # f(x, 0) = x
+    assert TrigFlowDenoiser(0.5, "edm", sigma_max=80.0).t_max == pytest.approx(math.atan(160)) and identity.t_max == math.pi / 2
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_the_jvp_agrees_with_finite_differences_and_a_float64_derivative(dropout):
+    model, _ = random_unet(torch.float64, dropout=dropout)  # attention at 8x8 included
+    model.train()  # dropout on: every evaluation must draw the same mask
+    den = TrigFlowDenoiser(0.5, "identity")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 16, 16, generator=gen, dtype=torch.float64)
+    t = torch.tensor([0.3, 1.2], dtype=torch.float64)
+    dx = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    y = torch.arange(2)
+
+    def fn(x, s):
+        return den.network(model, x, s, y=y)
+
+    torch.manual_seed(5)
+    value, forward = network_jvp(fn, x, t, dx, "forward")
+    torch.manual_seed(5)
+    value_fd, finite = network_jvp(fn, x, t, dx, "finite_diff", eps=1e-5)
+    torch.manual_seed(5)
+    # the primal under the same mask (the JVP's math attention rounds otherwise than the fused kernel)
+    torch.testing.assert_close(value, fn(x, t), rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(value_fd, value, rtol=1e-5, atol=1e-8)
+    assert ((forward - finite).norm() / forward.norm()).item() < 1e-7
+    # float32 forward mode against the float64 derivative
+    model32 = model.float()
+    torch.manual_seed(5)
+    _, forward32 = network_jvp(lambda a, s: den.network(model32, a, s, y=y), x.float(), t.float(), dx.float(), "forward")
+    assert ((forward32.double() - forward).norm() / forward.norm()).item() < 1e-4
+
+
+class Toy(torch.nn.Module):
+    """F(u, c) = a u + b c: dF/dt along (dx/dt, 1) is a (dx/dt) / sigma_d + b in closed form."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(0.7))
+        self.b = torch.nn.Parameter(torch.tensor(-0.4))
+
+    def forward(self, u, c):
+        return self.a * u + self.b * c[:, None, None, None]
+
+
+def scm_flags(**overrides):
+    flags = dict(cm_train_defaults(), lr=1e-4, use_fp16=False, use_checkpoint=False, time_input="identity",
+                 p_mean=-1.0, p_std=1.4, tangent_warmup_steps=4, scm_weighting="prior")
+    flags.update(overrides)
+    return argparse.Namespace(**flags)
+
+
+@pytest.mark.parametrize("jvp", ["forward", "finite_diff"])
+def test_tangent_and_loss_against_the_closed_form_of_a_toy_network(jvp):
+    _, diffusion = create_model_and_diffusion(**tiny_config())
+    method = ContinuousConsistencyTraining(scm_flags(jvp=jvp, jvp_eps=1e-3), diffusion)
+    toy = Toy()
+    method.build_networks(toy)
+    x0 = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    z = torch.randn(3, 3, 4, 4, dtype=torch.float64) * 0.5
+    t = torch.tensor([0.2, 0.8, 1.3], dtype=torch.float64)
+    step = 3  # r = 3/4 of the warmup
+    loss = method.losses(toy, x0, {}, {"noise": z, "t": t}, step)
+    # independently, in numpy
+    a, b, sd, r = 0.7, -0.4, 0.5, 0.75
+    X0, Z, T = x0.numpy(), z.numpy(), t.numpy()[:, None, None, None]
+    x_t = np.cos(T) * X0 + np.sin(T) * Z
+    dxdt = np.cos(T) * Z - np.sin(T) * X0
+    F = a * x_t / sd + b * T
+    dF = a * dxdt / sd + b
+    g = -np.cos(T) ** 2 * (sd * F - dxdt) - r * np.cos(T) * np.sin(T) * (x_t + sd * dF)
+    g = g / (np.sqrt((g**2).sum(axis=(1, 2, 3), keepdims=True)) + 0.1)
+    mse = (g**2).mean(axis=(1, 2, 3))  # F_theta equals F^- in value
+    w = np.log(sd * np.tan(t.numpy()))
+    np.testing.assert_allclose(loss["loss"].detach().numpy(), np.exp(-w) * mse + w, rtol=1e-5 if jvp == "finite_diff" else 1e-10)
+    # the gradient pulls F_theta towards F^- + g: d loss / d a = -2 e^{-w} mean(g * u), u = x_t / sigma_d
+    loss["loss"].sum().backward()
+    expected = (np.exp(-w) * (-2 * (g * x_t / sd).mean(axis=(1, 2, 3)))).sum()
+    assert toy.a.grad.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_adaptive_weight_gradient_vanishes_where_w_is_the_log_of_the_error():
+    head = AdaptiveWeight()
+    t = torch.tensor([0.3, 0.9])
+    mse = torch.tensor([0.2, 0.05])
+    with torch.no_grad():
+        head.linear.bias.fill_(0.5)
+    w = head(t)
+    (torch.exp(-w) * mse + w).sum().backward()
+    # d/dw (e^{-w} m + w) = 1 - e^{-w} m, summed over the samples through the bias
+    assert head.linear.bias.grad.item() == pytest.approx((1 - math.exp(-0.5) * mse).sum().item(), rel=1e-6)
+    with torch.no_grad():
+        head.linear.bias.fill_(math.log(0.1))
+    head.zero_grad()
+    w = head(t[:1])
+    (torch.exp(-w) * 0.1 + w).sum().backward()
+    assert abs(head.linear.bias.grad.item()) < 1e-6
+
+
+SCT = " --training_mode continuous_consistency_training --tangent_warmup_steps 4 --log_interval 2 --lr 2e-3"
+
+
+def denoising_error(state, time_input="identity"):
+    """||f(x_t, t) - x_0||^2 of a model on 64 digits at fixed noise and times (f = cos(t) x_t at the start,
+    the U-Net's output layer being zero): a deterministic measure of training progress."""
+    from cm.image_datasets import load_digits_arrays
+
+    model = create_model_and_diffusion(**tiny_config())[0]
+    model.load_state_dict(state)
+    images, labels = load_digits_arrays()
+    x = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    gen = torch.Generator().manual_seed(0)
+    t = torch.atan(torch.exp(-1.0 + 1.4 * torch.randn(64, generator=gen)) / 0.5)
+    tt = t[:, None, None, None]
+    x_t = torch.cos(tt) * x + torch.sin(tt) * torch.randn(x.shape, generator=gen) * 0.5
+    with torch.no_grad():
+        f = TrigFlowDenoiser(0.5, time_input).denoise(model.eval(), x_t, t, y=torch.from_numpy(labels[:64]))[1]
+    return ((f - x) ** 2).mean().item()
+
+
+def initial_state():
+    torch.manual_seed(0)  # the scripts seed before building the model
+    return create_model_and_diffusion(**tiny_config())[0].state_dict()
+
+
+def test_sct_run_lowers_its_error_resumes_and_samples(tmp_path):
+    flags = TRAIN + SCT + " --save_interval 10"
+    train("cm_train", flags + " --total_training_steps 10", tmp_path / "run")
+    assert (tmp_path / "run" / "scm_weight000010.pt").exists()
+    train("cm_train", flags + " --total_training_steps 20", tmp_path / "run")  # resumes from step 10
+    state = torch.load(tmp_path / "run" / "train_state000020.pt", weights_only=True)
+    assert state["step"] == 20
+    assert "tangent_r" in (tmp_path / "run" / "progress.csv").read_text().splitlines()[0]
+    model = torch.load(tmp_path / "run" / "model000020.pt", weights_only=True)
+    before, after = denoising_error(initial_state()), denoising_error(model)
+    assert after < 0.9 * before, (before, after)  # (measured: 16% lower after 20 steps)
+    for sampler in ("onestep", "multistep"):
+        load_script("image_sample").main(shlex.split(
+            TINY_FLAGS + f" --training_mode continuous_consistency_training --time_input identity --sampler {sampler} "
+            f"--num_samples 4 --batch_size 4 --model_path {tmp_path / 'run' / 'ema_0.9_000020.pt'} --log_dir {tmp_path / sampler}"))
+        samples = np.load(tmp_path / sampler / "samples_4x16x16x3.npz")["arr_0"]
+        assert samples.shape == (4, 16, 16, 3) and samples.std() > 0
