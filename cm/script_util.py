@@ -86,6 +86,7 @@ def model_and_diffusion_defaults():
         weight_schedule="karras",  # loss weighting lambda(sigma): snr | snr+1 | karras | truncated-snr | uniform | inverse-step
         time_embed="positional",  # noise-level embedding: positional (published) | fourier (iCT's option)
         fourier_scale=0.02,  # std of the Fourier frequencies (iCT: 0.02; NCSN++: 16)
+        double_norm=False,  # sCM's adaptive double normalisation of the scale-shift conditioning
     )
 
 
@@ -129,6 +130,7 @@ def create_model(
     use_bf16=False,
     time_embed="positional",
     fourier_scale=0.02,
+    double_norm=False,
 ):
     return UNetModel(
         image_size=image_size,
@@ -151,6 +153,7 @@ def create_model(
         use_new_attention_order=use_new_attention_order,
         time_embed=time_embed,
         fourier_scale=fourier_scale,
+        double_norm=double_norm,
     )
 
 
@@ -180,6 +183,7 @@ def create_model_and_diffusion(
     use_bf16=False,
     time_embed="positional",
     fourier_scale=0.02,
+    double_norm=False,
     rho=7.0,
     huber_c=None,
     lpips_vgg_path=None,
@@ -208,6 +212,7 @@ def create_model_and_diffusion(
         use_bf16=use_bf16,
         time_embed=time_embed,
         fourier_scale=fourier_scale,
+        double_norm=double_norm,
     )
     diffusion = KarrasDenoiser(
         sigma_data=0.5,

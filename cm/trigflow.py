@@ -39,8 +39,8 @@ class TrigFlowDenoiser:
     """F(x_t / sigma_d, t) from a U-Net, and the consistency function f.
 
     time_input "identity": the network sees c_noise(t) = t and its output is F; "edm": it sees EDM's
-    250 ln(sigma_d tan t) and its output is -F (an EDM network, unchanged). sigma_max bounds the sampling
-    start for "edm" networks, which were never trained at t = pi/2 (sigma = infinity)."""
+    250 ln(sigma_d tan t) and its output is -F (an EDM network, unchanged). Sampling starts at
+    t_max = arctan(sigma_max / sigma_d) (1.5645 for sigma_max 80), as the paper does to match EDM."""
 
     def __init__(self, sigma_data=0.5, time_input="identity", sigma_max=80.0):
         if time_input not in TIME_INPUTS:
@@ -51,10 +51,8 @@ class TrigFlowDenoiser:
 
     @property
     def t_max(self):
-        """The largest time the network sees: pi/2, or arctan(sigma_max / sigma_d) for an EDM network."""
-        if self.time_input == "edm":
-            return math.atan(self.sigma_max / self.sigma_data)
-        return math.pi / 2
+        """The time sampling starts at: arctan(sigma_max / sigma_d)."""
+        return math.atan(self.sigma_max / self.sigma_data)
 
     def network_time(self, t):
         if self.time_input == "edm":

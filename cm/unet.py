@@ -24,6 +24,11 @@ from .nn import (
 )
 
 
+
+def pixel_norm(a, eps=1e-8):
+    """a / sqrt(mean over channels of a^2 + eps) (Karras et al. 2018's pixel norm)."""
+    return a * torch.rsqrt(a.float().square().mean(dim=1, keepdim=True) + eps).to(a.dtype)
+
 class TimestepBlock(nn.Module):
     """A module whose forward takes the timestep embedding as a second argument."""
 
@@ -82,7 +87,9 @@ class Downsample(nn.Module):
 
 class ResBlock(TimestepBlock):
     """Residual block conditioned on the timestep embedding, by addition or, with
-    use_scale_shift_norm, by FiLM (norm(h) * (1 + scale) + shift); optionally resamples (up/down)."""
+    use_scale_shift_norm, by FiLM (norm(h) * (1 + scale) + shift), or with double_norm by sCM's adaptive double
+    normalisation norm(h) * pnorm(scale) + pnorm(shift), pnorm the pixel norm over channels (Lu & Song 2025,
+    Sec. 4.1; no parameters of its own); optionally resamples (up/down)."""
 
     def __init__(
         self,
@@ -92,6 +99,7 @@ class ResBlock(TimestepBlock):
         out_channels=None,
         use_conv=False,
         use_scale_shift_norm=False,
+        double_norm=False,
         dims=2,
         use_checkpoint=False,
         up=False,
@@ -102,6 +110,9 @@ class ResBlock(TimestepBlock):
         self.out_channels = out_channels or channels
         self.use_checkpoint = use_checkpoint
         self.use_scale_shift_norm = use_scale_shift_norm
+        if double_norm and not use_scale_shift_norm:
+            raise ValueError("double_norm normalises the scale and shift of use_scale_shift_norm; pass both")
+        self.double_norm = double_norm
 
         self.in_layers = nn.Sequential(
             normalization(channels),
@@ -150,7 +161,10 @@ class ResBlock(TimestepBlock):
         emb_out = emb_out[(...,) + (None,) * (h.ndim - emb_out.ndim)]
         if self.use_scale_shift_norm:
             scale, shift = torch.chunk(emb_out, 2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
+            if self.double_norm:
+                h = self.out_layers[0](h) * pixel_norm(scale) + pixel_norm(shift)
+            else:
+                h = self.out_layers[0](h) * (1 + scale) + shift
             h = self.out_layers[1:](h)
         else:
             h = self.out_layers(h + emb_out)
@@ -249,6 +263,7 @@ class UNetModel(nn.Module):
     :param num_classes: class-conditional with this many classes when given.
     :param num_head_channels: fixed channels per head (overrides num_heads) when not -1.
     :param use_scale_shift_norm: FiLM conditioning in the residual blocks.
+    :param double_norm: sCM's adaptive double normalisation of that conditioning (no parameters of its own).
     :param resblock_updown: residual blocks for up/downsampling instead of plain resampling.
     :param use_fp16, use_bf16: record that the caller will run the torso in that precision
         (convert_to_fp16 / convert_to_bf16 cast it, as published: construction stays float32).
@@ -276,6 +291,7 @@ class UNetModel(nn.Module):
         num_head_channels=-1,
         num_heads_upsample=-1,
         use_scale_shift_norm=False,
+        double_norm=False,
         resblock_updown=False,
         use_new_attention_order=False,
         use_bf16=False,
@@ -309,6 +325,7 @@ class UNetModel(nn.Module):
                 dims=dims,
                 use_checkpoint=use_checkpoint,
                 use_scale_shift_norm=use_scale_shift_norm,
+                double_norm=double_norm,
                 **kw,
             )
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -220,18 +221,27 @@ def test_float32_divergence_stops_naming_the_step(tmp_path):
     assert not list(tmp_path.glob("model*.pt"))
 
 
-def test_clear_errors(tmp_path, edm_teacher):
+def run_in_process(script, argv, monkeypatch, capsys):
+    """What `python scripts/SCRIPT.py ARGV` runs (run_cli(main)), in this process: (exit status, stderr)."""
+    monkeypatch.delenv("CM_TRACEBACK", raising=False)
+    module = load_script(script)
+    with pytest.raises(SystemExit) as exit_info:
+        module.run_cli(lambda: module.main(argv))
+    return SimpleNamespace(returncode=exit_info.value.code, stderr=capsys.readouterr().err)
+
+
+def test_clear_errors(tmp_path, edm_teacher, monkeypatch, capsys):
     cases = [
         ("--training_mode consistency_distillation", "--teacher_model_path"),
         ("--training_mode consistency_distillation --teacher_model_path " + str(tmp_path / "none.pt"), "not found"),
         ("--data_dir " + str(tmp_path / "missing"), "missing"),
     ]
     for extra, message in cases:
-        result = run([sys.executable, "scripts/cm_train.py", *shlex.split(TRAIN + " " + extra), "--log_dir", str(tmp_path / "x")])
+        result = run_in_process("cm_train", [*shlex.split(TRAIN + " " + extra), "--log_dir", str(tmp_path / "x")], monkeypatch, capsys)
         assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
-    wrong = run([sys.executable, "scripts/cm_train.py", *shlex.split(TRAIN.replace("--num_channels 32", "--num_channels 64")),
-                 "--training_mode", "consistency_distillation", "--teacher_model_path", str(edm_teacher / "model000030.pt"),
-                 "--log_dir", str(tmp_path / "y")])
+    wrong = run_in_process("cm_train", [*shlex.split(TRAIN.replace("--num_channels 32", "--num_channels 64")),
+                           "--training_mode", "consistency_distillation", "--teacher_model_path",
+                           str(edm_teacher / "model000030.pt"), "--log_dir", str(tmp_path / "y")], monkeypatch, capsys)
     assert wrong.returncode == 1 and "does not fit" in wrong.stderr and "shape" in wrong.stderr
 
 

@@ -54,8 +54,10 @@ class ContinuousConsistencyTraining(TrainingMethod):
     parameterization = "trigflow"
     boundary_condition = False  # TrigFlow's f(x, 0) = x holds by construction
     samples_with_boundary_condition = False
-    # the paper's ImageNet-64 settings from scratch: identity time input, lognormal (-1.0, 1.4)
-    flag_defaults = dict(time_input="identity", p_mean=-1.0, p_std=1.4)
+    # the paper's ImageNet-64 settings for a network trained as TrigFlow: identity time input, adaptive double
+    # normalisation (with the scale-shift conditioning), lognormal (-1.0, 1.6); warmup 10k steps, c = 0.1 are the
+    # flags' own defaults
+    flag_defaults = dict(time_input="identity", double_norm=True, use_scale_shift_norm=True, p_mean=-1.0, p_std=1.6)
 
     @classmethod
     def check_flags(cls, args):
@@ -160,8 +162,8 @@ class ContinuousConsistencyTraining(TrainingMethod):
 class ContinuousConsistencyDistillation(ContinuousConsistencyTraining):
     name = "continuous_consistency_distillation"
     needs_teacher = True
-    # from an EDM teacher: its own time input (250 ln sigma) and architecture
-    flag_defaults = dict(time_input="edm", p_mean=-0.8, p_std=1.6)
+    # from an EDM teacher: its own time input (250 ln sigma) and architecture (so published checkpoints distil)
+    flag_defaults = dict(time_input="edm", double_norm=False, p_mean=-1.0, p_std=1.6)
 
     def __init__(self, args, diffusion):
         super().__init__(args, diffusion)
