@@ -64,6 +64,10 @@ TINY_FLAGS = dict(
 # published CD schedule (cd_*_imagenet64): N = 40, target EMA 0.95; CT's comes from the config's preset
 CD_SCHEDULE = dict(target_ema_mode="fixed", start_ema=0.95, scale_mode="fixed", start_scales=40, end_scales=40)
 TWO_STEP = dict(ts=(0, 106, 200), steps=201)  # the published ImageNet-64 CT two-step sampling
+# benchmark mode -> training method; sCT's step is one JVP (forward mode, or finite differences) plus CT's
+# forward and backward pass, its cost against a CT step is the JVP's
+TRAINING_MODES = {"ct": "consistency_training", "cd": "consistency_distillation",
+                  "sct": "continuous_consistency_training", "sct_fd": "continuous_consistency_training"}
 
 
 # ---- configurations ---------------------------------------------------------------------------------------
@@ -197,8 +201,8 @@ def row_train(ctx, config, mode, precision, batch, channels_last=False, compile=
     model, diffusion = build_model(model_flags, ctx.device, loss_norm=train["loss_norm"])
     flags = argparse.Namespace(**dict(
         cm_train_defaults(), **{k: v for k, v in train.items() if k in cm_train_defaults()}, teacher_model_path="given",
-        teacher_solver="heun", use_fp16=precision == "fp16",
-        training_mode="consistency_distillation" if mode == "cd" else "consistency_training",
+        teacher_solver="heun", use_fp16=precision == "fp16", use_checkpoint=False, lr=1e-4,
+        training_mode=TRAINING_MODES[mode], time_input="identity", jvp="finite_diff" if mode == "sct_fd" else "forward",
     ))
     method = method_class(flags.training_mode)(flags, diffusion)
     # the teacher of CD: a network of the same architecture (as scripts/cm_train.py builds it)
@@ -416,6 +420,12 @@ def plan(args, device):
                              dict(config=config, mode=mode, precision=precision, batch=batch, channels_last=cl)))
         rows.append((f"train/{config}/ct/bf16{'' if cl else '+cl'}", "train",
                      dict(config=config, mode="ct", precision="bf16", batch=batch, channels_last=not cl)))
+        # sCT (no fp16: its JVP runs in float32); at ImageNet-64 size on a CPU one float32 row of each
+        scm_precisions = ["fp32"] + [p for p in half if p != "fp16"] if (cuda or config != "imagenet64") else ["fp32"]
+        for mode in ("sct", "sct_fd"):
+            for precision in scm_precisions:
+                rows.append((f"train/{config}/{mode}/{precision}{'+cl' if cl else ''}", "train",
+                             dict(config=config, mode=mode, precision=precision, batch=batch, channels_last=cl)))
     fast = half[0] if cuda else "bf16"  # the sampling precision of the "fast" rows
     for steps in ("onestep", "twostep"):
         for impl in ("cm", "diffusers"):
@@ -539,7 +549,7 @@ def _find(rows, name):
 
 
 def targets(rows):
-    """Issue #7's targets as measured ratios (each with the rows it compares), for the demo and
+    """The performance targets as measured ratios (each with the rows it compares), for the demo and
     ImageNet-64 configurations (not the --quick one)."""
     out = []
 
@@ -585,6 +595,20 @@ def targets(rows):
     return out
 
 
+def step_costs(rows):
+    """Each training method's step time against CT's at the same configuration and precision: sCT's
+    ratio is the cost of its JVP (forward mode or finite differences) over CT's one target evaluation."""
+    out = []
+    for name, row in rows.items():
+        parts = name.split("/")
+        if len(parts) != 4 or parts[0] != "train" or parts[2] == "ct" or "error" in row or "step_s" not in row:
+            continue
+        ct = rows.get(f"train/{parts[1]}/ct/{parts[3]}")
+        if ct and "step_s" in ct:
+            out.append(dict(rows=[name, f"train/{parts[1]}/ct/{parts[3]}"], ratio=row["step_s"] / ct["step_s"]))
+    return out
+
+
 def fmt(value, digits=3):
     if value is None:
         return "-"
@@ -625,6 +649,10 @@ def table(result):
         lines += ["", "targets (ratios of rows above, measured side by side):"]
         for t in result["targets"]:
             lines.append(f"  [{'met ' if t['met'] else 'MISS'}] {t['target']}: {t['value']:.2f} (target >= {t['threshold']})")
+    if result.get("step_costs"):
+        lines += ["", "step time against CT's (same configuration and precision):"]
+        for c in result["step_costs"]:
+            lines.append(f"  {c['rows'][0]}: {c['ratio']:.2f} x {c['rows'][1]}")
     lines.append(f"\nelapsed {result['elapsed_s']:.0f} s")
     return "\n".join(lines)
 
@@ -700,6 +728,7 @@ def main(argv=None):
         print(f"{name}: {summary(record)}", flush=True)
         result["elapsed_s"] = time.time() - start
         result["targets"] = targets(result["rows"])
+        result["step_costs"] = step_costs(result["rows"])
         atomic_write_text(args.out, json.dumps(result, indent=1, default=float))
     print()
     print(table(result))
