@@ -75,6 +75,21 @@ class TrigFlowDenoiser:
         return F, self.consistency(x_t, t, F)
 
 
+class SigmaView:
+    """A TrigFlow model seen in EDM's variables: denoise(model, x_sigma, sigma) = f(cos(t) x_sigma, t) at
+    t = arctan(sigma / sigma_d), so every loop written in EDM's noise levels (the editing of cm/editing.py)
+    runs a TrigFlow model unchanged (x_sigma = x_0 + sigma n is x_t / cos t at equal signal-to-noise ratio)."""
+
+    def __init__(self, trigflow, sigma_min=0.002, rho=7.0):
+        self.trigflow = trigflow
+        self.sigma_data, self.sigma_max, self.sigma_min = trigflow.sigma_data, trigflow.sigma_max, sigma_min
+        self.rho = rho  # of the Karras grid the loops index
+
+    def denoise(self, model, x_sigma, sigma, **model_kwargs):
+        t = t_of_sigma(sigma, self.sigma_data)
+        return self.trigflow.denoise(model, x_sigma * append_dims(torch.cos(t), x_sigma.ndim), t, **model_kwargs)
+
+
 @torch.no_grad()
 def sample_trigflow(denoiser, model, shape, generator, ts=None, model_kwargs=None, device=None, clip_denoised=True):
     """One- or multistep TrigFlow consistency sampling (sCM, Algorithm 1 of its appendix): x = sigma_d z at

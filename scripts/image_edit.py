@@ -45,6 +45,8 @@ from cm.editing import (
 from cm.image_datasets import UnreadableImage, collate, open_dataset
 from cm.image_io import save_grid, save_npz, to_uint8_nhwc
 from cm.random_util import get_generator
+from cm.methods import parameterization
+from cm.trigflow import SigmaView
 from cm.sample_util import in_global_order, load_sampling_model, parse_int_list, round_sizes, sampling_argparser
 from cm.cli import run_cli
 
@@ -152,6 +154,8 @@ def main(argv=None):
     if ts[-1] != args.steps - 1:
         logger.log(f"warning: --ts ends before the last grid index {args.steps - 1}; the results keep some noise")
     model, diffusion = load_sampling_model(args)
+    if parameterization(args.training_mode) == "trigflow":  # sCM models edit in EDM's noise levels
+        diffusion = SigmaView(diffusion, args.sigma_min)  # (rho 7, the grid of --ts)
 
     # labels: --class_labels (cycled), else the data's, else uniform draws over num_classes
     if class_labels:

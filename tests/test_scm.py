@@ -14,7 +14,7 @@ from cm.jvp import network_jvp
 from cm.methods import ContinuousConsistencyTraining
 from cm.methods.scm import AdaptiveWeight
 from cm.script_util import cm_train_defaults, create_model_and_diffusion
-from cm.trigflow import TrigFlowDenoiser, sigma_of_t, t_of_sigma
+from cm.trigflow import SigmaView, TrigFlowDenoiser, sigma_of_t, t_of_sigma
 
 from conftest import randomize, tiny_config
 from test_scripts import TINY_FLAGS, load_script, run
@@ -39,6 +39,10 @@ def test_trigflow_f_is_the_edm_denoiser_at_the_matched_noise_level():
         expected = edm.denoise(model, x_t / torch.cos(t)[:, None, None, None], sigma, y=y)[1]  # x_sigma = x_t / cos t
     torch.testing.assert_close(f, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(t_of_sigma(sigma, 0.5), t)
+    x_sigma = x_t / torch.cos(t)[:, None, None, None]
+    with torch.no_grad():  # the EDM-variables view the editing script uses
+        torch.testing.assert_close(SigmaView(TrigFlowDenoiser(0.5, "edm")).denoise(model, x_sigma, sigma, y=y)[1], expected,
+                                   rtol=1e-4, atol=1e-5)
     identity = TrigFlowDenoiser(0.5, "identity")
     with torch.no_grad():
         torch.testing.assert_close(identity.denoise(model, x_t, torch.zeros(4), y=y)[1], x_t, rtol=0, atol=0)  # f(x, 0) = x
@@ -184,6 +188,12 @@ def test_sct_run_lowers_its_error_resumes_and_samples(tmp_path):
             f"--num_samples 4 --batch_size 4 --model_path {tmp_path / 'run' / 'ema_0.9_000020.pt'} --log_dir {tmp_path / sampler}"))
         samples = np.load(tmp_path / sampler / "samples_4x16x16x3.npz")["arr_0"]
         assert samples.shape == (4, 16, 16, 3) and samples.std() > 0
+    load_script("image_edit").main(shlex.split(
+        TINY_FLAGS + " --training_mode continuous_consistency_training --time_input identity --double_norm True "
+        f"--task inpainting --mask box --data_dir digits --num_images 2 --model_path {tmp_path / 'run' / 'model000020.pt'} "
+        f"--log_dir {tmp_path / 'edit'}"))
+    edited = np.load(tmp_path / "edit" / "edit_inpainting.npz")
+    assert all(edited[k].shape[0] == 2 for k in edited.files)
 
 
 def trajectory_inconsistency(state, teacher_state, dt=0.05):
