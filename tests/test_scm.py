@@ -247,3 +247,13 @@ def test_scd_from_an_edm_teacher_and_two_processes_take_the_same_step(tmp_path):
     heads = [torch.load(tmp_path / d / "scm_weight000002.pt", weights_only=True)["head"] for d in ("one", "two")]
     for k in heads[0]:
         torch.testing.assert_close(heads[1][k], heads[0][k], rtol=0, atol=1e-6)
+
+
+def test_the_jvp_of_a_checkpointed_network_is_the_plain_one():
+    checkpointed, _ = random_unet(use_checkpoint=True)
+    plain, _ = random_unet()
+    x, dx = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    t, y = torch.tensor([0.3, 1.0]), torch.arange(2)
+    a = network_jvp(lambda u, s: checkpointed(u, s, y), x, t, dx)
+    b = network_jvp(lambda u, s: plain(u, s, y), x, t, dx)
+    torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
