@@ -420,8 +420,9 @@ def plan(args, device):
                              dict(config=config, mode=mode, precision=precision, batch=batch, channels_last=cl)))
         rows.append((f"train/{config}/ct/bf16{'' if cl else '+cl'}", "train",
                      dict(config=config, mode="ct", precision="bf16", batch=batch, channels_last=not cl)))
-        # sCT (no fp16: its JVP runs in float32); at ImageNet-64 size on a CPU one float32 row of each
-        scm_precisions = ["fp32"] + [p for p in half if p != "fp16"] if (cuda or config != "imagenet64") else ["fp32"]
+        # sCT (no fp16: its JVP runs in float32); at ImageNet-64 size on a CPU, and in --quick, one float32 row of each
+        full = cuda or (config != "imagenet64" and not args.quick)
+        scm_precisions = ["fp32"] + [p for p in half if p != "fp16"] if full else ["fp32"]
         for mode in ("sct", "sct_fd"):
             for precision in scm_precisions:
                 rows.append((f"train/{config}/{mode}/{precision}{'+cl' if cl else ''}", "train",

@@ -48,3 +48,14 @@ def batch():
     x = torch.rand(3, 3, 16, 16, generator=gen, dtype=torch.float64) * 2 - 1
     z = torch.randn(3, 3, 16, 16, generator=gen, dtype=torch.float64)
     return x, z, torch.tensor([1, 4, 7])
+
+
+@pytest.fixture(scope="session")
+def edm_teacher(tmp_path_factory):
+    """A 30-step EDM model of the tiny U-Net on the digits (the teacher of the CD, progdist and sCD tests)."""
+    from test_training import TRAIN, train  # (test modules import this file first)
+
+    out = tmp_path_factory.mktemp("edm")
+    train("edm_train", TRAIN + " --schedule_sampler lognormal --total_training_steps 30 --log_interval 1 "
+          "--save_interval 30 --weight_schedule karras --lr 5e-4", out)
+    return out

@@ -74,14 +74,6 @@ def initial_state(seed=0):
     return create_model_and_diffusion(**tiny_config())[0].state_dict()
 
 
-@pytest.fixture(scope="module")
-def edm_teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("edm")
-    train("edm_train", TRAIN + " --schedule_sampler lognormal --total_training_steps 30 --log_interval 1 "
-          "--save_interval 30 --weight_schedule karras --lr 5e-4", out)
-    return out
-
-
 def test_edm_run_lowers_the_loss_and_writes_its_checkpoint(edm_teacher):
     curve = losses(edm_teacher)
     assert len(curve) == 30 and sum(curve[-10:]) < sum(curve[:10])
