@@ -207,7 +207,7 @@ class TrainLoop:
         mode = "fp16" if use_fp16 else "bf16" if use_bf16 else "fp32"
         self.precision = Precision(model, mode, fp16_scale_growth)  # (fp16 converts before DDP sees the model)
         self.ddp_model = self._wrap_ddp(model)
-        self.opt = RAdam(self.precision.master_params, lr=lr, weight_decay=weight_decay)
+        self.opt = self._new_optimizer()
         self.ema = EMASet(self.ema_rate, self.precision.master_params)
         method.setup(self, resume_path)
         if resume_path:
@@ -260,9 +260,12 @@ class TrainLoop:
             for _ in range(self.batches_consumed):
                 next(self.data)
 
+    def _new_optimizer(self):
+        return RAdam(self.precision.master_params, lr=self.lr, weight_decay=self.weight_decay)
+
     def restart_optimization(self):
         """A fresh optimizer and sampling EMAs at the current weights (progressive distillation's new stage)."""
-        self.opt = RAdam(self.precision.master_params, lr=self.lr, weight_decay=self.weight_decay)
+        self.opt = self._new_optimizer()
         self.ema.reset(self.precision.master_params)
 
     # ---- the loop ---------------------------------------------------------------------------

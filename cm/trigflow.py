@@ -16,6 +16,7 @@ import torch
 
 from .denoiser import network_time
 from .nn import append_dims
+from .schedule import lognormal_sigmas
 
 TIME_INPUTS = ("edm", "identity")
 
@@ -32,7 +33,13 @@ def t_of_sigma(sigma, sigma_data):
 
 def lognormal_t(normal, p_mean, p_std, sigma_data):
     """Training times t = arctan(exp(P_mean + P_std n) / sigma_d) from standard normal draws n (sCM, Sec. 4)."""
-    return torch.atan(torch.exp(p_mean + p_std * normal) / sigma_data)
+    return t_of_sigma(lognormal_sigmas(normal, p_mean, p_std), sigma_data)
+
+
+def diffuse(x0, z, t):
+    """x_t = cos(t) x_0 + sin(t) z, t one time per sample (z already of standard deviation sigma_d)."""
+    t = append_dims(t, x0.ndim)
+    return torch.cos(t) * x0 + torch.sin(t) * z
 
 
 class TrigFlowDenoiser:
@@ -102,7 +109,7 @@ def sample_trigflow(denoiser, model, shape, generator, ts=None, model_kwargs=Non
     for i, t_value in enumerate(times):
         z = generator.randn(*shape, device=device) * sd
         t = torch.full((shape[0],), t_value, device=device)
-        x = z if i == 0 else torch.cos(t[0]) * x0 + torch.sin(t[0]) * z
+        x = z if i == 0 else diffuse(x0, z, t)
         x0 = denoiser.denoise(model, x, t, **model_kwargs)[1]
         if clip_denoised:
             x0 = x0.clamp(-1, 1)

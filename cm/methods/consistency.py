@@ -4,6 +4,7 @@ discretised lognormal, with iCT's weighting, distance and curriculum as flag def
 
 from ..losses import consistency_loss
 from ..schedule import inverse_cdf_indices, lognormal_index_probabilities
+from .base import check_positive_p_std
 from .target import TargetNetworkMethod
 
 
@@ -46,8 +47,7 @@ class ImprovedConsistencyTraining(ConsistencyTraining):
     @classmethod
     def check_flags(cls, args):
         super().check_flags(args)
-        if args.p_std <= 0:
-            raise ValueError(f"--p_std must be positive, got {args.p_std}")
+        check_positive_p_std(args)
 
     def __init__(self, args, diffusion):
         super().__init__(args, diffusion)

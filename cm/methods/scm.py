@@ -20,11 +20,11 @@ from torch.optim import RAdam
 from .. import dist_util
 from ..checkpoints import CheckpointIO
 from ..denoiser import network_time
-from ..jvp import network_jvp
 from ..nn import append_dims, mean_flat, timestep_embedding
 from ..random_util import rng_states, set_rng_states
-from ..trigflow import TrigFlowDenoiser, lognormal_t, sigma_of_t
-from .base import TrainingMethod
+from ..jvp import JVP_METHODS, network_jvp
+from ..trigflow import TrigFlowDenoiser, diffuse, lognormal_t, sigma_of_t
+from .base import TrainingMethod, check_positive_p_std, start_from_teacher
 
 WEIGHTINGS = ("adaptive", "prior")
 
@@ -65,8 +65,9 @@ class ContinuousConsistencyTraining(TrainingMethod):
         if args.use_fp16:
             raise ValueError(f"--training_mode {cls.name} runs its JVP in float32 and trains in float32 or bf16; "
                              "fp16 is refused (pass --precision bf16 or fp32 instead of --use_fp16)")
-        if args.p_std <= 0:
-            raise ValueError(f"--p_std must be positive, got {args.p_std}")
+        check_positive_p_std(args)
+        if args.jvp not in JVP_METHODS:
+            raise ValueError(f"unknown --jvp {args.jvp!r}; choose one of {', '.join(JVP_METHODS)}")
         if args.scm_weighting not in WEIGHTINGS:
             raise ValueError(f"unknown --scm_weighting {args.scm_weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
 
@@ -84,8 +85,7 @@ class ContinuousConsistencyTraining(TrainingMethod):
 
     def build_networks(self, model, build_teacher=None):
         if build_teacher is not None:
-            teacher, _ = build_teacher()
-            model.load_state_dict(teacher.state_dict())  # the student starts from the teacher, as in every method
+            teacher, _ = start_from_teacher(model, build_teacher)
             if self.needs_teacher:
                 self.teacher_model = teacher.eval().requires_grad_(False)
         if self.weighting == "adaptive":
@@ -119,7 +119,7 @@ class ContinuousConsistencyTraining(TrainingMethod):
         sd = self.trigflow.sigma_data
         z, t = rows["noise"], rows["t"].to(micro.dtype)
         tt = append_dims(t, micro.ndim)
-        x_t = torch.cos(tt) * micro + torch.sin(tt) * z
+        x_t = diffuse(micro, z, t)
         dx_dt = self.dx_dt(x_t, micro, z, t, cond)
         net = getattr(model, "module", model)  # the stop-gradient passes need no DDP
 

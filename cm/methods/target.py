@@ -14,7 +14,7 @@ import torch
 from ..checkpoints import CheckpointIO, load_model_weights
 from ..fast_paths import apply_fast_paths
 from ..schedule import create_ema_and_scales_fn
-from .base import TrainingMethod
+from .base import TrainingMethod, start_from_teacher
 
 
 class TargetNetworkMethod(TrainingMethod):
@@ -36,9 +36,7 @@ class TargetNetworkMethod(TrainingMethod):
 
     def build_networks(self, model, build_teacher=None):
         if build_teacher is not None:
-            teacher, teacher_diffusion = build_teacher()
-            # the student starts from the teacher's weights (as published, for every method)
-            model.load_state_dict(teacher.state_dict())
+            teacher, teacher_diffusion = start_from_teacher(model, build_teacher)
             if self.runs_teacher:
                 self.teacher_model, self.teacher_diffusion = teacher.eval(), teacher_diffusion
                 if self.use_fp16:
