@@ -1,22 +1,24 @@
-"""CT, iCT and ECT compared on the embedded digits, on a CPU: at equal training steps and at equal wall-clock.
+"""CT, iCT, sCT, and ECT, CD, sCD from one EDM teacher, compared on the embedded digits on a CPU, on one
+network (base/digits_compare): at equal training steps and at equal wall-clock, the teacher's time counted.
 
   bash launch.sh compare        (or: python scripts/compare_digits.py [--log_dir runs/compare] [--quick True])
 
-1. Trains the EDM teacher that ECT starts from (preset demo_edm: the demo's model, --teacher_steps steps).
-2. Equal steps: CT (demo_ct), iCT (demo_ict) and ECT (demo_ect, from the teacher's EMA weights), --steps
-   steps of batch 64 each. All three cost the same per step (one forward and backward of the online
-   network, one forward of the target), so these runs also took about equal wall-clock, the teacher not
-   counted; each run's measured seconds are reported.
-3. Equal wall-clock, the teacher counted: every method gets the seconds CT took in 2. As the three
-   cost the same per step, CT and iCT keep their runs of 2 (their measured seconds show how close they
-   came), and ECT trains anew for the budget minus the teacher's training time, converted to steps at
-   CT's measured seconds per step, with its stage length fitted to the new length.
-4. Samples every model one-step and two-step (presets compare_sample_*, ts 0,10,20 of 21) and the
-   teacher with Heun (18 steps, 35 evaluations) for reference, and evaluates them against the real
-   digits with the digits feature extractor: FID, precision, recall, class accuracy.
+1. Trains the EDM teacher that ECT, CD and sCD start from (preset demo_edm, --teacher_steps steps).
+2. Equal steps: CT (demo_ct), iCT (demo_ict), sCT (compare_sct), ECT (demo_ect), CD (compare_cd) and sCD
+   (compare_scd), --steps steps of batch 64 each; each run's seconds are measured.
+3. Equal wall-clock, the teacher counted: every method gets the seconds CT took in 2, less the teacher's
+   for the methods that need one, priced at its own measured seconds per step (iCT and ECT do CT's work
+   per step, so CT's price is theirs). CT and iCT keep their runs of 2; sCT, CD and sCD, whose schedules
+   do not depend on the run's length, take the checkpoint of their run of 2 at the budget's step (saved
+   every SAVE_EVERY steps; it is the shorter run exactly); ECT trains anew with its stage length fitted.
+4. Samples every model one-step and two-step (presets compare_sample_*: ts 0,10,20 of 21 for the Karras
+   models, t_mid 1.1 for the TrigFlow ones) and the teacher with Heun (18 steps, 35 evaluations) for
+   reference, and evaluates them against the real digits with the digits feature extractor: FID,
+   precision, recall, class accuracy.
 
 Writes results.json, results.md, grid_onestep.png and grid_twostep.png (one row per model in the order of
-the table, two samples of each class) and each run's samples_grid.png. Every stage resumes if interrupted.
+the table, two samples of each class), scm_curves.png (sCT's and sCD's loss, error, tangent norm and learned
+log-weight against steps) and each run's samples_grid.png. Every stage resumes if interrupted.
 """
 
 import argparse
@@ -25,6 +27,7 @@ import os
 import time
 
 import numpy as np
+import torch
 
 
 import cm_train  # a sibling script (python puts scripts/ first on the path)
@@ -32,15 +35,29 @@ import edm_train
 import image_sample
 from cm.atomic import atomic_write_text
 from cm.config import load_preset
+from cm.precision import cpu_model_name
 from cm.image_datasets import load_digits_arrays
 from cm.image_io import save_grid, save_npz
+from cm.methods import parameterization
+from cm.plots import curves_png
 from cm.cli import run_cli, str2bool
 from cm.checkpoints import MODEL_FILE, parse_resume_step_from_filename
 from evaluations.evaluator import evaluate
 
-METHODS = {"CT": "demo_ct", "iCT": "demo_ict", "ECT": "demo_ect"}
+# preset; needs the EDM teacher; its equal-wall-clock run: "ct" (CT itself, the budget), "ct_work" (CT's work
+# per step: its run of the equal steps), "prefix" (a checkpoint of that run), "retrain" (ECT: a new, shorter run)
+METHODS = {
+    "CT": ("demo_ct", False, "ct"),
+    "iCT": ("demo_ict", False, "ct_work"),
+    "sCT": ("compare_sct", False, "prefix"),
+    "ECT": ("demo_ect", True, "retrain"),
+    "CD": ("compare_cd", True, "prefix"),
+    "sCD": ("compare_scd", True, "prefix"),
+}
 ECT_STAGES = 8  # ECT's stages per run, as in the published CIFAR-10 schedule (200k steps, d = 25k)
+SAVE_EVERY = 50  # the "prefix" runs' checkpoint interval
 METRICS = ("fid", "precision", "recall", "class_accuracy")
+SCM_CURVES = ("loss", "mse", "tangent_norm", "log_weight")
 
 
 def newest_step(run_dir):
@@ -73,13 +90,22 @@ def ema_path(run_dir, preset, steps):
     return os.path.join(run_dir, f"ema_{rate}_{steps:06d}.pt")
 
 
-def draw(model_path, out_dir, kind, num_samples, heun_steps=18):
+def sampling_flags(preset):
+    """What image_sample.py needs besides compare_sample_* to build and sample a model of training preset
+    `preset`: nothing for the Karras consistency models, the TrigFlow settings for sCT and sCD."""
+    flags = load_preset(preset)["flags"]
+    if parameterization(flags["training_mode"]) != "trigflow":
+        return []
+    return ["--training_mode", flags["training_mode"], "--time_input", flags["time_input"],
+            "--double_norm", str(flags["double_norm"])]
+
+
+def draw(model_path, out_dir, kind, num_samples, extra=()):
     """Samples of every class from `model_path`: kind onestep / twostep (presets compare_sample_*) or heun
-    (an EDM model, `heun_steps` Heun steps); returns the .npz path (kept, so a rerun skips it)."""
+    (extra: the Heun flags); returns the .npz path (kept, so a rerun skips it)."""
     npz = os.path.join(out_dir, f"samples_{num_samples}x16x16x3.npz")
     if not os.path.exists(npz):
         preset = "compare_sample_twostep" if kind == "twostep" else "compare_sample_onestep"
-        extra = ["--training_mode", "edm", "--sampler", "heun", "--steps", str(heun_steps)] if kind == "heun" else []
         image_sample.main(["--config", preset, "--model_path", model_path, "--log_dir", out_dir,
                            "--num_samples", str(num_samples), *extra])
     return npz
@@ -97,14 +123,15 @@ def fmt(value, digits=3):
 
 
 def markdown_table(rows, settings):
-    head = ("| comparison | model | steps | train s | 1-step FID | prec. | rec. | class acc. | "
+    head = ("| comparison | model | steps | train s | s / step | 1-step FID | prec. | rec. | class acc. | "
             "2-step FID | prec. | rec. | class acc. |")
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     for row in rows:
         seconds = fmt(row["train_seconds"], 0)
         if "teacher_seconds" in row:
-            seconds += " + " + fmt(row["teacher_seconds"], 0)  # ECT's own + its teacher's
-        cells = [row["round"], row["model"], str(row["steps"]), seconds]
+            seconds += " + " + fmt(row["teacher_seconds"], 0)  # its own + its teacher's
+        per_step = row["train_seconds"] / row["steps"] if row.get("steps") and row["train_seconds"] else None
+        cells = [row["round"], row["model"], str(row["steps"]), seconds, fmt(per_step, 3)]
         for kind in ("onestep", "twostep"):
             m = row.get(kind) or {}
             cells += [fmt(m.get("fid"), 1)] + [fmt(m.get(k)) for k in METRICS[1:]]
@@ -112,28 +139,44 @@ def markdown_table(rows, settings):
     notes = [
         "",
         f"Digits feature extractor; {settings['num_samples']} samples per model against the 1,797 real digits; "
-        "two-step: ts 0,10,20 of a 21-point Karras grid; batch 64; training seconds measured on this machine "
-        "(ECT: its own + its teacher's).",
-        f"Equal wall-clock: {fmt(settings['budget_seconds'], 0)} s each (CT's run); ECT's budget includes the "
-        f"teacher's {fmt(settings['teacher_seconds'], 0)} s of training ({settings['teacher_steps']} EDM steps).",
+        "two-step: ts 0,10,20 of a 21-point Karras grid (TrigFlow models: t_mid 1.1); batch 64; training seconds "
+        "measured on this machine (the teacher's methods: their own + the teacher's).",
+        f"Equal wall-clock: {fmt(settings['budget_seconds'], 0)} s each (CT's run), the teacher's "
+        f"{fmt(settings['teacher_seconds'], 0)} s ({settings['teacher_steps']} EDM steps) counted in ECT's, CD's "
+        "and sCD's.",
         "Grid rows (grid_onestep.png, grid_twostep.png), top to bottom: " + ", ".join(
             f"{r['round']} {r['model']}" for r in rows if r.get("grid")) + "; two samples of each class per row.",
     ]
     return "\n".join(lines + notes) + "\n"
 
 
+def equal_time_steps(method, equal_steps, budget, teacher_seconds, steps):
+    """The steps `method` gets for CT's wall-clock, its teacher's time counted, at its price per step."""
+    preset, needs_teacher, kind = METHODS[method]
+    if kind in ("ct", "ct_work"):
+        return steps
+    price = equal_steps["CT" if kind == "retrain" else method]["train_seconds"] / steps  # ECT: CT's work
+    return max(0, min(int((budget - (teacher_seconds if needs_teacher else 0.0)) / price), steps))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log_dir", default="runs/compare", help="folder for everything the comparison writes")
-    parser.add_argument("--steps", type=int, default=1400, help="training steps of CT, iCT and ECT (equal steps)")
+    parser.add_argument("--steps", type=int, default=1400, help="training steps of every method (equal steps)")
     parser.add_argument("--teacher_steps", type=int, default=800, help="EDM teacher training steps")
     parser.add_argument("--num_samples", type=int, default=1000, help="samples per model and sampler")
+    parser.add_argument("--methods", default=",".join(METHODS), help="which of " + ", ".join(METHODS))
     parser.add_argument("--quick", type=str2bool, default=False, help="a few steps, 100 samples, 4 Heun steps (smoke test)")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.teacher_steps, args.num_samples = 4, 4, 100
     if min(args.steps, args.teacher_steps, args.num_samples) < 1:
         raise ValueError("--steps, --teacher_steps and --num_samples must be at least 1")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or "CT" not in methods:
+        raise ValueError(f"--methods takes CT (the budget) and any of {', '.join(METHODS)}; got {args.methods!r}")
+    save_every = 2 if args.quick else SAVE_EVERY
     os.makedirs(args.log_dir, exist_ok=True)
     run = lambda name: os.path.join(args.log_dir, name)  # noqa: E731
 
@@ -142,26 +185,45 @@ def main(argv=None):
     teacher_seconds = timed_training(edm_train.main, ["--config", "demo_edm"], teacher_dir, args.teacher_steps)
     teacher_path = ema_path(teacher_dir, "demo_edm", args.teacher_steps)
 
-    def train(method, name, steps):
-        flags = ["--config", METHODS[method]]
+    def train(method, steps):
+        preset, needs_teacher, kind = METHODS[method]
+        flags = ["--config", preset]
+        if needs_teacher:
+            flags += ["--teacher_model_path", teacher_path]
         if method == "ECT":
-            flags += ["--teacher_model_path", teacher_path, "--ect_stage_steps", str(max(steps // ECT_STAGES, 1))]
-        run_dir = run(f"{name}_{steps}steps")
+            flags += ["--ect_stage_steps", str(max(steps // ECT_STAGES, 1))]
+        if kind == "prefix":
+            flags += ["--save_interval", str(save_every)]
+        if args.quick:
+            flags += ["--log_interval", "1"]  # the curves need logged steps
+        run_dir = run(f"{method.lower()}_{steps}steps")
         seconds = timed_training(cm_train.main, flags, run_dir, steps)
-        return {"steps": steps, "train_seconds": seconds, "model_path": ema_path(run_dir, METHODS[method], steps)}
+        return {"steps": steps, "train_seconds": seconds, "run_dir": run_dir}
 
-    print(f"[2/4] equal steps: CT, iCT, ECT, {args.steps} steps each", flush=True)
-    equal_steps = {method: train(method, method.lower(), args.steps) for method in METHODS}
+    print(f"[2/4] equal steps: {', '.join(methods)}, {args.steps} steps each", flush=True)
+    equal_steps = {method: train(method, args.steps) for method in methods}
+    for method, result in equal_steps.items():
+        result["model_path"] = ema_path(result["run_dir"], METHODS[method][0], args.steps)
 
     budget = equal_steps["CT"]["train_seconds"]
-    print(f"[3/4] equal wall-clock: {budget:.0f} s each, the teacher's {teacher_seconds:.0f} s counted in ECT's", flush=True)
-    # one step of CT, iCT or ECT is the same work, so CT's measured seconds per step prices all three
-    ect_steps = min(int((budget - teacher_seconds) / (budget / args.steps)), args.steps)
-    equal_time = {"CT": equal_steps["CT"], "iCT": equal_steps["iCT"]}
-    if ect_steps < 1:
-        equal_time["ECT"] = {"steps": 0, "train_seconds": 0.0, "model_path": None}
-    else:
-        equal_time["ECT"] = train("ECT", "ect", ect_steps)
+    print(f"[3/4] equal wall-clock: {budget:.0f} s each, the teacher's {teacher_seconds:.0f} s counted", flush=True)
+    equal_time = {}
+    for method in methods:
+        k = equal_time_steps(method, equal_steps, budget, teacher_seconds, args.steps)
+        kind = METHODS[method][2]
+        if kind == "prefix":
+            k -= k % save_every
+        if k == args.steps:
+            equal_time[method] = equal_steps[method]
+        elif k < 1:
+            equal_time[method] = {"steps": 0, "train_seconds": 0.0, "model_path": None}
+        elif kind == "prefix":
+            own = equal_steps[method]
+            equal_time[method] = {"steps": k, "train_seconds": own["train_seconds"] * k / args.steps,
+                                  "model_path": ema_path(own["run_dir"], METHODS[method][0], k)}
+        else:
+            equal_time[method] = train(method, k)
+            equal_time[method]["model_path"] = ema_path(equal_time[method]["run_dir"], METHODS[method][0], k)
 
     print("[4/4] sampling and evaluation with the digits feature extractor", flush=True)
     images, labels = load_digits_arrays()
@@ -176,28 +238,30 @@ def main(argv=None):
     rows, grids = [], {"onestep": [], "twostep": []}
     for round_name, results in (("equal steps", equal_steps), ("equal wall-clock", equal_time)):
         for method, result in results.items():
-            row = {"round": round_name, "model": method, **{k: v for k, v in result.items() if k != "model_path"}}
-            if method == "ECT":
-                row["model"] = "ECT (+ EDM teacher)"
+            row = {"round": round_name, "model": method, "steps": result["steps"], "train_seconds": result["train_seconds"]}
+            if METHODS[method][1]:
+                row["model"] = f"{method} (+ EDM teacher)"
                 row["teacher_steps"], row["teacher_seconds"] = args.teacher_steps, teacher_seconds
             if result["model_path"] is None:
                 row["note"] = "the teacher alone took longer than the budget"
                 rows.append(row)
                 continue
-            reused = round_name == "equal wall-clock" and result["model_path"] == equal_steps[method]["model_path"]
-            out = run(f"samples/{os.path.basename(os.path.dirname(result['model_path']))}")
+            reused = round_name == "equal wall-clock" and result is equal_steps[method]
+            name = os.path.basename(result["model_path"])[: -len(".pt")]
+            out = run(f"samples/{os.path.basename(os.path.dirname(result['model_path']))}_{name}")
             for kind in ("onestep", "twostep"):
-                npz = draw(result["model_path"], f"{out}_{kind}", kind, args.num_samples)
+                npz = draw(result["model_path"], f"{out}_{kind}", kind, args.num_samples,
+                           sampling_flags(METHODS[method][0]))
                 row[kind] = evaluate(ref, npz, features="digits")
                 if not reused:
                     grids[kind].append(per_class_rows(npz))
             if reused:
-                row["note"] = "the equal-steps run (the same work per step as CT)"
+                row["note"] = "the equal-steps run"
             row["grid"] = not reused
             rows.append(row)
     heun_steps = 4 if args.quick else 18
     heun = draw(teacher_path, run(f"samples/edm_teacher_{args.teacher_steps}steps_heun"), "heun", args.num_samples,
-                heun_steps)
+                ["--training_mode", "edm", "--sampler", "heun", "--steps", str(heun_steps)])
     rows.append({"round": "reference", "model": f"EDM teacher, Heun {2 * heun_steps - 1} NFE (both columns)",
                  "steps": args.teacher_steps, "train_seconds": teacher_seconds,
                  "onestep": evaluate(ref, heun, features="digits")})
@@ -212,8 +276,12 @@ def main(argv=None):
                 row[kind] = {k: row[kind].get(k) for k in METRICS}
     for kind, parts in grids.items():
         save_grid(np.concatenate(parts), run(f"grid_{kind}.png"), nrow=20)
+    scm_runs = {m: os.path.join(equal_steps[m]["run_dir"], "progress.csv") for m in ("sCT", "sCD") if m in equal_steps}
+    if scm_runs:
+        curves_png(scm_runs, SCM_CURVES, run("scm_curves.png"), title="sCM training on the digits")
     settings = {"steps": args.steps, "teacher_steps": args.teacher_steps, "teacher_seconds": teacher_seconds,
-                "budget_seconds": budget, "num_samples": args.num_samples, "batch_size": 64}
+                "budget_seconds": budget, "num_samples": args.num_samples, "batch_size": 64,
+                "machine": cpu_model_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     table = markdown_table(rows, settings)
     print(table)
     atomic_write_text(run("results.json"), json.dumps({"settings": settings, "rows": rows}, indent=2))

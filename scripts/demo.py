@@ -12,14 +12,11 @@ resumes if interrupted.
 """
 
 import argparse
-import csv
 import json
 import os
 import time
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 
 import cm_train  # a sibling script (python puts scripts/ first on the path)
@@ -28,6 +25,7 @@ from cm.atomic import atomic_write_text
 from cm.config import load_preset
 from cm.image_datasets import load_digits_arrays
 from cm.image_io import save_npz
+from cm.plots import curves_png
 from cm.precision import cpu_model_name
 from cm.cli import run_cli, str2bool
 from evaluations.evaluator import evaluate
@@ -42,27 +40,6 @@ TARGET_CLASS_ACCURACY = 0.90
 TARGET_FID = 25.0
 TARGET_HF_RATIO = 1.25
 TRAIN_PRESET = "demo_train"  # the recipe (docs/digits.md: how it was chosen)
-
-
-def loss_curve_png(progress_csv, path, width=640, height=360, pad=48):
-    """Training loss against step, drawn with Pillow (no plotting library needed)."""
-    with open(progress_csv) as f:
-        rows = [(float(r["step"]), float(r["loss"])) for r in csv.DictReader(f) if r.get("loss")]
-    if len(rows) < 2:
-        return
-    steps, losses = np.array(rows).T
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    x = pad + (steps - steps.min()) / max(np.ptp(steps), 1) * (width - 2 * pad)
-    y = height - pad - (losses - losses.min()) / max(np.ptp(losses), 1e-12) * (height - 2 * pad)
-    draw.rectangle([pad, pad, width - pad, height - pad], outline="gray")
-    draw.line(list(zip(x.tolist(), y.tolist())), fill="navy", width=2)
-    draw.text((pad, 12), "consistency training loss (demo)", fill="black")
-    draw.text((pad, height - pad + 6), f"step {int(steps.min())}", fill="black")
-    draw.text((width - pad - 70, height - pad + 6), f"step {int(steps.max())}", fill="black")
-    draw.text((4, pad - 14), f"{losses.max():.4g}", fill="black")
-    draw.text((4, height - pad), f"{losses.min():.4g}", fill="black")
-    img.save(path)
 
 
 def main(argv=None):
@@ -133,7 +110,8 @@ def main(argv=None):
     print(table)
     atomic_write_text(os.path.join(args.log_dir, "results.json"), json.dumps(results, indent=2))
     atomic_write_text(os.path.join(args.log_dir, "results.txt"), table + "\n")
-    loss_curve_png(os.path.join(train_dir, "progress.csv"), os.path.join(args.log_dir, "loss_curve.png"))
+    curves_png({"iCT": os.path.join(train_dir, "progress.csv")}, ["loss"], os.path.join(args.log_dir, "loss_curve.png"),
+               title="consistency training loss (demo)")
     print(f"grids: {args.log_dir}/samples_onestep/samples_grid.png, {args.log_dir}/samples_twostep/samples_grid.png; "
           f"loss curve: {args.log_dir}/loss_curve.png")
 

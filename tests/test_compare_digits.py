@@ -1,4 +1,6 @@
-"""The CT / iCT / ECT comparison on the digits end to end, cut to a few steps (the real run is `bash launch.sh compare`)."""
+"""The comparison on the digits end to end, cut to a few steps and three methods (the real run is `bash launch.sh
+compare`): CT (the budget), sCD (a TrigFlow model from the teacher whose equal-wall-clock model is a checkpoint of
+its run) and ECT (retrained for the budget)."""
 
 import json
 import os
@@ -10,24 +12,33 @@ from test_scripts import ROOT
 
 def test_compare_quick_writes_tables_and_grids(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "scripts/compare_digits.py", "--quick", "True", "--log_dir", str(tmp_path)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "scripts/compare_digits.py", "--quick", "True", "--log_dir", str(tmp_path), "--methods", "CT,sCD,ECT"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     rows = {(r["round"], r["model"]): r for r in results["rows"]}
-    for model in ("CT", "iCT", "ECT (+ EDM teacher)"):
+    for model in ("CT", "sCD (+ EDM teacher)", "ECT (+ EDM teacher)"):
         row = rows[("equal steps", model)]
         assert row["steps"] == 4 and row["train_seconds"] > 0
         assert set(row["onestep"]) == set(row["twostep"]) == {"fid", "precision", "recall", "class_accuracy"}
         assert ("equal wall-clock", model) in rows
     assert rows[("reference", "real digits, half vs half")]["onestep"]["class_accuracy"] > 0.95
-    assert results["settings"]["budget_seconds"] == rows[("equal steps", "CT")]["train_seconds"]
+    settings = results["settings"]
+    assert settings["budget_seconds"] == rows[("equal steps", "CT")]["train_seconds"]
+    # equal wall-clock: the budget less the teacher's seconds, at each method's price per step (ECT: CT's), sCD's
+    # rounded down to its checkpoints (every 2 steps in --quick)
+    left = settings["budget_seconds"] - settings["teacher_seconds"]
+    ct_price = settings["budget_seconds"] / 4
+    scd_price = rows[("equal steps", "sCD (+ EDM teacher)")]["train_seconds"] / 4
+    assert rows[("equal wall-clock", "ECT (+ EDM teacher)")]["steps"] == max(0, min(int(left / ct_price), 4))
+    k = max(0, min(int(left / scd_price), 4))
+    assert rows[("equal wall-clock", "sCD (+ EDM teacher)")]["steps"] == k - k % 2
     table = (tmp_path / "results.md").read_text()
-    assert "| equal steps | iCT | 4 |" in table and "equal wall-clock" in table
-    for name in ("grid_onestep.png", "grid_twostep.png", "samples/ect_4steps_onestep/samples_grid.png"):
+    assert "| equal steps | sCD (+ EDM teacher) | 4 |" in table and "equal wall-clock" in table
+    for name in ("grid_onestep.png", "grid_twostep.png", "scm_curves.png",
+                 "samples/scd_4steps_ema_0.99_000004_twostep/samples_grid.png"):
         assert (tmp_path / name).exists(), name
     # run again: every stage is reused, nothing retrained
-    again = subprocess.run([sys.executable, "scripts/compare_digits.py", "--quick", "True", "--log_dir", str(tmp_path)],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "training..." not in again.stdout
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == results["rows"]

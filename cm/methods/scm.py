@@ -130,13 +130,14 @@ class ContinuousConsistencyTraining(TrainingMethod):
         F_minus, dF_dt = network_jvp(network, x_t, t, dx_dt, self.jvp, self.jvp_eps)
         r = self.tangent_r(step)
         g = -torch.cos(tt) ** 2 * (sd * F_minus - dx_dt) - r * torch.cos(tt) * torch.sin(tt) * (x_t + sd * dF_dt)
-        g = g / (append_dims(g.flatten(1).norm(dim=1), g.ndim) + self.norm_c)
+        g_norm = g.flatten(1).norm(dim=1)
+        g = g / (append_dims(g_norm, g.ndim) + self.norm_c)
         set_rng_states(micro.device, dropout_state)
         F_theta = self.trigflow.network(model, x_t, t, **cond)
         mse = mean_flat((F_theta.to(F_minus.dtype) - F_minus - g) ** 2)  # F^- and g in float32 (float64 in tests)
         with torch.autocast(micro.device.type, enabled=False):
             w = self.weight_head(t) if self.weight_head is not None else prior_log_weight(t, sd)
-        return {"loss": torch.exp(-w) * mse + w, "mse": mse}
+        return {"loss": torch.exp(-w) * mse + w, "mse": mse, "tangent_norm": g_norm, "log_weight": w}
 
     def after_step(self, loop):
         if self.weight_head is None:
