@@ -44,6 +44,20 @@ def checkpoint_config(state_dict):
     return json.loads(meta["json"]) if meta else None
 
 
+# flags that change what a network computes but not its parameters' shapes, so no shape check finds them
+UNSEEN_FLAGS = ("c_noise", "double_norm")
+
+
+def check_stored_flags(state_dict, flags, path, keys=UNSEEN_FLAGS):
+    """One clear error where `flags` (a dict) differ from the config stored in the checkpoint at `path`
+    on one of `keys` (checkpoints without a stored config, or without the key, are not checked)."""
+    config = checkpoint_config(state_dict) or {}
+    for key in keys:
+        if key in config and key in flags and str(config[key]) != str(flags[key]):
+            raise ValueError(f"{path} was trained with --{key} {config[key]}; pass --{key} {config[key]} "
+                             f"(got {flags[key]})")
+
+
 def state_dict_mismatch(model, state_dict, limit=10):
     """Lines describing keys missing from, unexpected in, or shaped differently in `state_dict`."""
     own = model.state_dict()

@@ -9,10 +9,19 @@ import torch
 from .nn import append_dims
 
 
-def network_time(sigmas):
-    """The network's time input c_noise(sigma) = 1000 * 0.25 * log(sigma) (EDM Table 1, times 1000).
-    The tiny offset keeps sigma = 0 finite, as published."""
-    return 1000 * 0.25 * torch.log(sigmas + 1e-44)
+# the network's time input c_noise(sigma): "published" 1000 * 0.25 ln(sigma) (openai's code and checkpoints:
+# EDM Table 1 times 1000), "edm" 0.25 ln(sigma) (EDM Table 1 as NVlabs/edm trains it; FastGen's sCD teachers)
+C_NOISE_SCALES = {"published": 250.0, "edm": 0.25}
+
+
+def network_time(sigmas, c_noise="published"):
+    """c_noise(sigma) (C_NOISE_SCALES); the tiny offset keeps sigma = 0 finite, as published."""
+    return C_NOISE_SCALES[c_noise] * torch.log(sigmas + 1e-44)
+
+
+def check_c_noise(c_noise):
+    if c_noise not in C_NOISE_SCALES:
+        raise ValueError(f"unknown --c_noise {c_noise!r}; choose one of {', '.join(C_NOISE_SCALES)}")
 
 
 class Denoiser:
@@ -30,12 +39,15 @@ class Denoiser:
         sigma_min=0.002,
         rho=7.0,
         distillation=False,
+        c_noise="published",
     ):
+        check_c_noise(c_noise)
         self.sigma_data = sigma_data
         self.sigma_max = sigma_max
         self.sigma_min = sigma_min
         self.rho = rho
         self.distillation = distillation
+        self.c_noise = c_noise
         self.num_timesteps = 40  # the grid of the published "uniform" schedule sampler
 
     def get_snr(self, sigmas):
@@ -69,6 +81,6 @@ class Denoiser:
     def denoise(self, model, x_t, sigmas, **model_kwargs):
         """Return (raw network output F, preconditioned output c_skip * x + c_out * F)."""
         c_skip, c_out, c_in = [append_dims(c, x_t.ndim) for c in self.scalings(sigmas)]
-        model_output = model(c_in * x_t, network_time(sigmas), **model_kwargs)
+        model_output = model(c_in * x_t, network_time(sigmas, self.c_noise), **model_kwargs)
         denoised = c_out * model_output + c_skip * x_t
         return model_output, denoised

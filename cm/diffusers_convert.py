@@ -69,6 +69,8 @@ def check_convertible(flags):
         raise ValueError("only the positional time embedding converts (diffusers' Fourier projection differs)")
     if flags.get("use_new_attention_order"):
         raise ValueError("--use_new_attention_order True has no diffusers equivalent")
+    if flags.get("c_noise", "published") != "published":
+        raise ValueError("only --c_noise published converts (diffusers' scheduler feeds the network 250 ln(sigma))")
     if flags.get("double_norm"):
         raise ValueError("--double_norm True (sCM's adaptive double normalisation) has no diffusers equivalent")
     mult, _ = _levels(flags)

@@ -57,6 +57,7 @@ class KarrasDenoiser(Denoiser):
         loss_norm="lpips",
         lpips_vgg_path=None,
         huber_c=None,
+        c_noise="published",
     ):
         if weight_schedule not in losses.WEIGHT_SCHEDULES:
             raise ValueError(
@@ -64,7 +65,8 @@ class KarrasDenoiser(Denoiser):
             )
         if loss_norm not in losses.LOSS_NORMS:
             raise ValueError(f"unknown loss_norm {loss_norm!r}; choose one of {', '.join(losses.LOSS_NORMS)}")
-        super().__init__(sigma_data=sigma_data, sigma_max=sigma_max, sigma_min=sigma_min, rho=rho, distillation=distillation)
+        super().__init__(sigma_data=sigma_data, sigma_max=sigma_max, sigma_min=sigma_min, rho=rho, distillation=distillation,
+                         c_noise=c_noise)
         self.weight_schedule = weight_schedule
         self.loss_norm = loss_norm
         self.lpips_vgg_path = lpips_vgg_path

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import dist_util, logger
 from .atomic import atomic_write_text
-from .checkpoints import load_model_weights
+from .checkpoints import UNSEEN_FLAGS, check_stored_flags, load_model_weights
 from .cli import add_dict_to_argparser, args_to_dict
 from .diffusers_convert import read_weights
 from .fast_paths import apply_fast_paths
@@ -125,10 +125,13 @@ def load_sampling_model(args):
         **args_to_dict(args, model_and_diffusion_defaults().keys()), distillation=distillation
     )
     if parameterization(args.training_mode) == "trigflow":  # sCM models: time t, f = cos(t) x - sin(t) sigma_d F
-        diffusion = TrigFlowDenoiser(diffusion.sigma_data, args.time_input, diffusion.sigma_max)
+        diffusion = TrigFlowDenoiser(diffusion.sigma_data, args.time_input, diffusion.sigma_max, diffusion.c_noise)
     if args.model_path:
         logger.log(f"loading {args.model_path}")
-        load_model_weights(model, args.model_path, read_weights(args.model_path))
+        state = read_weights(args.model_path)
+        trigflow_flags = ("time_input",) if parameterization(args.training_mode) == "trigflow" else ()
+        check_stored_flags(state, vars(args), args.model_path, UNSEEN_FLAGS + trigflow_flags)
+        load_model_weights(model, args.model_path, state)
     else:
         logger.log("no --model_path: sampling from a randomly initialised model (pipeline smoke test)")
     model.to(dist_util.dev())

@@ -87,6 +87,7 @@ def model_and_diffusion_defaults():
         time_embed="positional",  # noise-level embedding: positional (published) | fourier (iCT's option)
         fourier_scale=0.02,  # std of the Fourier frequencies (iCT: 0.02; NCSN++: 16)
         double_norm=False,  # sCM's adaptive double normalisation of the scale-shift conditioning
+        c_noise="published",  # the network's time input: published 250 ln(sigma) | edm ln(sigma) / 4 (NVlabs EDM)
     )
 
 
@@ -184,6 +185,7 @@ def create_model_and_diffusion(
     time_embed="positional",
     fourier_scale=0.02,
     double_norm=False,
+    c_noise="published",
     rho=7.0,
     huber_c=None,
     lpips_vgg_path=None,
@@ -224,6 +226,7 @@ def create_model_and_diffusion(
         loss_norm=loss_norm,
         lpips_vgg_path=lpips_vgg_path,
         huber_c=huber_c,
+        c_noise=c_noise,
     )
     return model, diffusion
 

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .denoiser import network_time
+from .denoiser import check_c_noise, network_time
 from .nn import append_dims
 from .schedule import lognormal_sigmas
 
@@ -45,16 +45,19 @@ def diffuse(x0, z, t):
 class TrigFlowDenoiser:
     """F(x_t / sigma_d, t) from a U-Net, and the consistency function f.
 
-    time_input "identity": the network sees c_noise(t) = t and its output is F; "edm": it sees EDM's
-    250 ln(sigma_d tan t) and its output is -F (an EDM network, unchanged). Sampling starts at
+    time_input "identity": the network sees c_noise(t) = t and its output is F; "edm": it sees the EDM
+    network's own c_noise(sigma_d tan t) (`c_noise`: cm.denoiser.C_NOISE_SCALES; published 250 ln sigma)
+    and its output is -F (an EDM network, unchanged). Sampling starts at
     t_max = arctan(sigma_max / sigma_d) (1.5645 for sigma_max 80), as the paper does to match EDM."""
 
-    def __init__(self, sigma_data=0.5, time_input="identity", sigma_max=80.0):
+    def __init__(self, sigma_data=0.5, time_input="identity", sigma_max=80.0, c_noise="published"):
         if time_input not in TIME_INPUTS:
             raise ValueError(f"unknown time_input {time_input!r}; choose one of {', '.join(TIME_INPUTS)}")
         self.sigma_data = sigma_data
         self.time_input = time_input
         self.sigma_max = sigma_max
+        check_c_noise(c_noise)
+        self.c_noise = c_noise
 
     @property
     def t_max(self):
@@ -63,7 +66,7 @@ class TrigFlowDenoiser:
 
     def network_time(self, t):
         if self.time_input == "edm":
-            return network_time(sigma_of_t(t, self.sigma_data))
+            return network_time(sigma_of_t(t, self.sigma_data), self.c_noise)
         return t
 
     def network(self, model, x_t, t, **model_kwargs):

@@ -11,7 +11,7 @@ line override.
 import argparse
 
 from cm import dist_util, logger
-from cm.checkpoints import load_model_weights
+from cm.checkpoints import check_stored_flags, load_model_weights
 from cm.cli import add_dict_to_argparser, args_to_dict, run_cli
 from cm.config import parse_args_with_config
 from cm.diffusers_convert import read_weights
@@ -45,7 +45,9 @@ def main(argv=None):
             **dict(model_kwargs, dropout=args.teacher_dropout, distillation=False)
         )
         path = args.teacher_model_path
-        load_model_weights(teacher, path, read_weights(path), what="teacher checkpoint")
+        state = read_weights(path)
+        check_stored_flags(state, model_kwargs, path)
+        load_model_weights(teacher, path, state, what="teacher checkpoint")
         return teacher.to(dist_util.dev()), teacher_diffusion
 
     method.build_networks(model, build_teacher if args.teacher_model_path else None)

@@ -92,12 +92,13 @@ def ema_path(run_dir, preset, steps):
 
 def sampling_flags(preset):
     """What image_sample.py needs besides compare_sample_* to build and sample a model of training preset
-    `preset`: nothing for the Karras consistency models, the TrigFlow settings for sCT and sCD."""
+    `preset`: its network's time input, and for sCT and sCD the TrigFlow settings."""
     flags = load_preset(preset)["flags"]
-    if parameterization(flags["training_mode"]) != "trigflow":
-        return []
-    return ["--training_mode", flags["training_mode"], "--time_input", flags["time_input"],
-            "--double_norm", str(flags["double_norm"])]
+    out = ["--c_noise", flags.get("c_noise", "published")]
+    if parameterization(flags.get("training_mode", "edm")) == "trigflow":
+        out += ["--training_mode", flags["training_mode"], "--time_input", flags["time_input"],
+                "--double_norm", str(flags["double_norm"])]
+    return out
 
 
 def draw(model_path, out_dir, kind, num_samples, extra=()):
@@ -261,7 +262,7 @@ def main(argv=None):
             rows.append(row)
     heun_steps = 4 if args.quick else 18
     heun = draw(teacher_path, run(f"samples/edm_teacher_{args.teacher_steps}steps_heun"), "heun", args.num_samples,
-                ["--training_mode", "edm", "--sampler", "heun", "--steps", str(heun_steps)])
+                ["--training_mode", "edm", "--sampler", "heun", "--steps", str(heun_steps), *sampling_flags("demo_edm")])
     rows.append({"round": "reference", "model": f"EDM teacher, Heun {2 * heun_steps - 1} NFE (both columns)",
                  "steps": args.teacher_steps, "train_seconds": teacher_seconds,
                  "onestep": evaluate(ref, heun, features="digits")})

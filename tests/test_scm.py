@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from cm.checkpoints import check_stored_flags, with_config
+from cm.denoiser import Denoiser
 from cm.jvp import network_jvp
 from cm.methods import ContinuousConsistencyTraining
 from cm.methods.scm import AdaptiveWeight
@@ -29,26 +31,64 @@ def random_unet(dtype=torch.float32, **overrides):
     return randomize(model).to(dtype).eval(), diffusion
 
 
-def test_trigflow_f_is_the_edm_denoiser_at_the_matched_noise_level():
-    model, edm = random_unet()  # distillation False: EDM's scalings
+@pytest.mark.parametrize("c_noise", ["published", "edm"])
+def test_trigflow_f_is_the_edm_denoiser_at_the_matched_noise_level(c_noise):
+    model, edm = random_unet(c_noise=c_noise)  # distillation False: EDM's scalings
     x0, z = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16) * 0.5
     t = torch.tensor([0.05, 0.4, 1.0, 1.5])
     x_t = torch.cos(t)[:, None, None, None] * x0 + torch.sin(t)[:, None, None, None] * z
     y = torch.arange(4)
     with torch.no_grad():
-        f = TrigFlowDenoiser(0.5, "edm").denoise(model, x_t, t, y=y)[1]
+        f = TrigFlowDenoiser(0.5, "edm", c_noise=c_noise).denoise(model, x_t, t, y=y)[1]
         sigma = sigma_of_t(t, 0.5)
         expected = edm.denoise(model, x_t / torch.cos(t)[:, None, None, None], sigma, y=y)[1]  # x_sigma = x_t / cos t
     torch.testing.assert_close(f, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(t_of_sigma(sigma, 0.5), t)
     x_sigma = x_t / torch.cos(t)[:, None, None, None]
     with torch.no_grad():  # the EDM-variables view the editing script uses
-        torch.testing.assert_close(SigmaView(TrigFlowDenoiser(0.5, "edm")).denoise(model, x_sigma, sigma, y=y)[1], expected,
-                                   rtol=1e-4, atol=1e-5)
+        view = SigmaView(TrigFlowDenoiser(0.5, "edm", c_noise=c_noise))
+        torch.testing.assert_close(view.denoise(model, x_sigma, sigma, y=y)[1], expected, rtol=1e-4, atol=1e-5)
     identity = TrigFlowDenoiser(0.5, "identity")
     with torch.no_grad():
         torch.testing.assert_close(identity.denoise(model, x_t, torch.zeros(4), y=y)[1], x_t, rtol=0, atol=0)  # f(x, 0) = x
     assert identity.t_max == TrigFlowDenoiser(0.5, "edm", sigma_max=80.0).t_max == pytest.approx(math.atan(160))
+
+
+def test_c_noise_is_the_time_input_the_network_sees():
+    seen = []
+
+    def network(x, timesteps, **kwargs):
+        seen.append(timesteps)
+        return torch.zeros_like(x)
+
+    sigma = torch.tensor([0.01, 1.0, 40.0])
+    x = torch.zeros(3, 1, 2, 2)
+    Denoiser(c_noise="published").denoise(network, x, sigma)
+    Denoiser(c_noise="edm").denoise(network, x, sigma)
+    t = torch.tensor([0.2, 0.9, 1.5])
+    TrigFlowDenoiser(0.5, "edm", c_noise="edm").network(network, x, t)
+    TrigFlowDenoiser(0.5, "identity", c_noise="edm").network(network, x, t)
+    expected = [250 * np.log(sigma.numpy()), 0.25 * np.log(sigma.numpy()), 0.25 * np.log(0.5 * np.tan(t.numpy())), t.numpy()]
+    for got, want in zip(seen, expected):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
+    with pytest.raises(ValueError, match="--c_noise"):
+        Denoiser(c_noise="ln")
+
+
+def test_a_checkpoint_refuses_flags_its_network_was_not_trained_with(tmp_path):
+    model, _ = random_unet(c_noise="edm")
+    state = with_config(model.state_dict(), {"c_noise": "edm", "double_norm": False, "time_input": "identity"})
+    check_stored_flags(state, {"c_noise": "edm", "double_norm": False}, "teacher.pt")
+    with pytest.raises(ValueError, match=r"teacher.pt was trained with --c_noise edm; pass --c_noise edm \(got published\)"):
+        check_stored_flags(state, {"c_noise": "published", "double_norm": False}, "teacher.pt")
+    check_stored_flags(model.state_dict(), {"c_noise": "published"}, "old.pt")  # no stored config: nothing to check
+    path = tmp_path / "model.pt"
+    torch.save(state, path)
+    sample = load_script("image_sample")
+    with pytest.raises(ValueError, match="--time_input identity"):
+        sample.main(shlex.split(TINY_FLAGS) + ["--c_noise", "edm", "--training_mode", "continuous_consistency_training",
+                                               "--time_input", "edm", "--sampler", "onestep", "--model_path", str(path), "--log_dir", str(tmp_path / "s"),
+                                               "--num_samples", "2", "--batch_size", "2"])
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])

@@ -73,7 +73,7 @@ class ContinuousConsistencyTraining(TrainingMethod):
 
     def __init__(self, args, diffusion):
         super().__init__(args, diffusion)
-        self.trigflow = TrigFlowDenoiser(diffusion.sigma_data, args.time_input, diffusion.sigma_max)
+        self.trigflow = TrigFlowDenoiser(diffusion.sigma_data, args.time_input, diffusion.sigma_max, diffusion.c_noise)
         self.p_mean, self.p_std = args.p_mean, args.p_std
         self.warmup_steps = args.tangent_warmup_steps
         self.norm_c = args.tangent_norm_c
@@ -168,7 +168,7 @@ class ContinuousConsistencyDistillation(ContinuousConsistencyTraining):
 
     def __init__(self, args, diffusion):
         super().__init__(args, diffusion)
-        self.teacher_trigflow = TrigFlowDenoiser(diffusion.sigma_data, "edm", diffusion.sigma_max)
+        self.teacher_trigflow = TrigFlowDenoiser(diffusion.sigma_data, "edm", diffusion.sigma_max, diffusion.c_noise)
 
     def dx_dt(self, x_t, x0, z, t, cond):
         """sCD: the teacher's ODE direction sigma_d F_teacher(x_t / sigma_d, t), without gradient."""
