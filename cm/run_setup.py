@@ -75,4 +75,23 @@ def loop_kwargs(args, model, data, batch_size, config):
         progress=args.progress,
         channels_last=args.channels_last,
         compile=args.compile,
+        **optimizer_flags(args),
     )
+
+
+def optimizer_flags(args):
+    """The optimizer, its betas and eps, EDM2's inverse-square-root decay and gradient clipping, checked."""
+    if args.optimizer not in ("radam", "adam"):
+        raise ValueError(f"unknown --optimizer {args.optimizer!r}; choose radam (published) or adam")
+    try:
+        betas = tuple(float(b) for b in str(args.adam_betas).split(","))
+    except ValueError:
+        betas = ()
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"--adam_betas must be two numbers in [0, 1), e.g. 0.9,0.99; got {args.adam_betas!r}")
+    if not args.adam_eps > 0:
+        raise ValueError(f"--adam_eps must be positive, got {args.adam_eps}")
+    if args.lr_ref_steps < 0 or args.grad_clip < 0:
+        raise ValueError("--lr_ref_steps and --grad_clip must be 0 (off) or positive")
+    return dict(optimizer=args.optimizer, adam_betas=betas, adam_eps=args.adam_eps, lr_ref_steps=args.lr_ref_steps,
+                grad_clip=args.grad_clip)

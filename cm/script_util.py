@@ -239,6 +239,11 @@ def train_defaults():
         lr=1e-4,
         weight_decay=0.0,
         lr_anneal_steps=0,  # linear decay of the learning rate to 0 over this many steps (0: constant)
+        lr_ref_steps=0,  # EDM2's decay: lr / sqrt(max(step / lr_ref_steps, 1)) (0: off); times the linear one
+        optimizer="radam",  # radam (published) | adam
+        adam_betas="0.9,0.999",  # the optimizer's betas (published: torch's defaults)
+        adam_eps=1e-8,  # the optimizer's eps
+        grad_clip=0.0,  # clip the gradient norm to this (0: off)
         global_batch_size=2048,  # split over the processes when batch_size is -1
         batch_size=-1,  # per-process batch (-1: global_batch_size / processes)
         microbatch=-1,  # split each batch into microbatches of this size (-1: no split)

@@ -15,11 +15,12 @@ by itself from the newest complete checkpoint in its folder.
 
 import contextlib
 import json
+import math
 import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.optim import RAdam
+from torch.optim import Adam, RAdam
 from tqdm.auto import tqdm
 
 from . import dist_util, logger
@@ -91,12 +92,13 @@ class Precision:
         every weight costs as much as an EMA update)."""
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.detach() for p in self.master_params])))
 
-    def optimize(self, opt):
-        """Take the optimiser step; returns (took_step, grad_norm). fp16 skips a step whose gradients
-        overflowed and halves the loss scale (its one host-device synchronisation per step, as
-        published); otherwise the scale grows slowly."""
+    def optimize(self, opt, clip=0.0):
+        """Take the optimiser step; returns (took_step, grad_norm), the norm before clipping to `clip`
+        (0: no clipping). fp16 skips a step whose gradients overflowed and halves the loss scale (its
+        one host-device synchronisation per step, as published); otherwise the scale grows slowly."""
         if self.mode != "fp16":
             grad_norm = self.grad_norm()
+            self.clip_gradients(grad_norm, clip)
             opt.step()
             return True, grad_norm
         scale = 2**self.lg_loss_scale
@@ -109,16 +111,30 @@ class Precision:
             self.zero_grad()
             return False, grad_norm
         torch._foreach_mul_([p.grad for p in self.master_params], 1.0 / scale)
+        self.clip_gradients(grad_norm, clip)
         opt.step()
         self.master_to_model()
         self.lg_loss_scale += self.fp16_scale_growth
         return True, grad_norm
 
     @torch.no_grad()
+    def clip_gradients(self, grad_norm, clip):
+        """Scale the gradients to norm at most `clip` (no host-device synchronisation)."""
+        grads = [p.grad for p in self.master_params if p.grad is not None]
+        if clip > 0 and grads:
+            torch._foreach_mul_(grads, torch.clamp(clip / (grad_norm + 1e-6), max=1.0))
+
+    @torch.no_grad()
     def master_to_model(self):
         if self.master_params is not self.model_params:
             for p, master in zip(self.model_params, self.master_params):
                 p.copy_(master)
+
+
+def inverse_sqrt_decay(step, ref_steps):
+    """EDM2's inverse-square-root learning-rate decay 1 / sqrt(max(step / t_ref, 1)) (Karras et al. 2024,
+    Section 3; 1 when t_ref is 0)."""
+    return 1.0 / math.sqrt(max(step / ref_steps, 1.0)) if ref_steps > 0 else 1.0
 
 
 class DeviceMeans:
@@ -170,6 +186,11 @@ class TrainLoop:
         progress=True,
         channels_last=False,
         compile=False,
+        optimizer="radam",
+        adam_betas=(0.9, 0.999),
+        adam_eps=1e-8,
+        lr_ref_steps=0,
+        grad_clip=0.0,
     ):
         self.model = model
         self.method = method
@@ -182,6 +203,8 @@ class TrainLoop:
         self.save_interval = save_interval
         self.weight_decay = weight_decay
         self.lr_anneal_steps = lr_anneal_steps
+        self.optimizer, self.adam_betas, self.adam_eps = optimizer, tuple(adam_betas), adam_eps
+        self.lr_ref_steps, self.grad_clip = lr_ref_steps, grad_clip
         self.total_training_steps = total_training_steps
         self.seed = seed
         self.config = config
@@ -261,7 +284,9 @@ class TrainLoop:
                 next(self.data)
 
     def _new_optimizer(self):
-        return RAdam(self.precision.master_params, lr=self.lr, weight_decay=self.weight_decay)
+        cls = RAdam if self.optimizer == "radam" else Adam  # RAdam as published
+        return cls(self.precision.master_params, lr=self.lr, betas=self.adam_betas, eps=self.adam_eps,
+                   weight_decay=self.weight_decay)
 
     def restart_optimization(self):
         """A fresh optimizer and sampling EMAs at the current weights (progressive distillation's new stage)."""
@@ -322,7 +347,7 @@ class TrainLoop:
                 self.precision.backward(loss * ((j - i) / n))
             for key, value in losses.items():
                 self.means.add(key, value.float().mean())
-        took, grad_norm = self.precision.optimize(self.opt)
+        took, grad_norm = self.precision.optimize(self.opt, self.grad_clip)
         self.means.add("grad_norm", grad_norm)
         if took:
             # the sampling EMAs and the method's averages (the target network) in one fused update
@@ -347,7 +372,7 @@ class TrainLoop:
             )
 
     def current_lr(self):
-        return self.method.lr(self.lr, self.step, self.lr_anneal_steps)
+        return self.method.lr(self.lr, self.step, self.lr_anneal_steps) * inverse_sqrt_decay(self.step, self.lr_ref_steps)
 
     def _anneal_lr(self):
         for group in self.opt.param_groups:
