@@ -1,13 +1,14 @@
 """Presets: every published launch line equals its preset (plus the paths the user supplies)."""
 
 import json
+import os
 import shlex
 
 import pytest
 
 from cm.config import load_preset, parse_args_with_config, preset_names
 
-from test_scripts import load_script
+from test_scripts import ROOT, load_script
 
 IM = ("--attention_resolutions 32,16,8 --class_cond True --use_scale_shift_norm True --image_size 64 --num_channels 192 "
       "--num_head_channels 64 --num_res_blocks 3 --resblock_updown True --use_fp16 True")
@@ -93,3 +94,13 @@ def test_a_preset_takes_its_base_flags_under_its_own(tmp_path):
     # the published architectures are written once each, and base presets are not listed as runnable
     assert load_preset("ct_imagenet64")["base"] == load_preset("sample_cd_l2_imagenet64_onestep")["base"] == "base/imagenet64"
     assert not any(name.startswith("base") for name in preset_names())
+
+
+def test_the_scm_recipes_name_the_source_of_every_value():
+    for name in ("scd_imagenet64", "sct_cifar10_32", "sample_scd_imagenet64_twostep", "sample_sct_cifar10_32_twostep"):
+        with open(os.path.join(ROOT, "configs", f"{name}.json")) as f:
+            preset = json.load(f)
+        assert set(preset["sources"]) == set(preset["flags"]), name
+        assert all(len(source) > 3 for source in preset["sources"].values()), name
+    args = parse("cm_train", ["--config", "scd_imagenet64"])
+    assert (args["optimizer"], args["adam_eps"], args["lr_ref_steps"], args["use_fp16"]) == ("adam", 1e-11, 35000, False)
