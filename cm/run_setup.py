@@ -8,6 +8,7 @@ import torch
 from . import dist_util, logger
 from .atomic import atomic_write_text
 from .image_datasets import load_data
+from .phema import std_to_exp
 from .precision import resolve_precision_args
 
 
@@ -76,7 +77,26 @@ def loop_kwargs(args, model, data, batch_size, config):
         channels_last=args.channels_last,
         compile=args.compile,
         **optimizer_flags(args),
+        **phema_flags(args),
     )
+
+
+def phema_flags(args):
+    """--phema_std (sigma_rel values of the power-function EMAs) and --phema_snapshot_interval, checked."""
+    try:
+        stds = [float(v) for v in str(args.phema_std).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--phema_std must be comma-separated numbers, e.g. 0.05,0.10; got {args.phema_std!r}") from None
+    for std in stds:
+        try:
+            std_to_exp(std)
+        except ValueError as err:
+            raise ValueError(f"--phema_std: {err}") from None
+    if len(set(stds)) != len(stds):
+        raise ValueError(f"--phema_std repeats a value: {args.phema_std!r}")
+    if args.phema_snapshot_interval < 0:
+        raise ValueError("--phema_snapshot_interval must be 0 (snapshots at checkpoints only) or a number of images")
+    return dict(phema_std=stds, phema_snapshot_interval=args.phema_snapshot_interval)
 
 
 def optimizer_flags(args):

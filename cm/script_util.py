@@ -244,6 +244,8 @@ def train_defaults():
         adam_betas="0.9,0.999",  # the optimizer's betas (published: torch's defaults)
         adam_eps=1e-8,  # the optimizer's eps
         grad_clip=0.0,  # clip the gradient norm to this (0: off)
+        phema_std="",  # sigma_rel of power-function EMAs tracked for post-hoc reconstruction (EDM2), e.g. 0.05,0.10
+        phema_snapshot_interval=0,  # images between their snapshots phema_STD_NNNNNN.pt (0: at checkpoints only)
         global_batch_size=2048,  # split over the processes when batch_size is -1
         batch_size=-1,  # per-process batch (-1: global_batch_size / processes)
         microbatch=-1,  # split each batch into microbatches of this size (-1: no split)

@@ -27,6 +27,7 @@ from . import dist_util, logger
 from .checkpoints import CheckpointIO, load_model_weights, parse_resume_step_from_filename, with_config
 from .cli import NonFiniteLossError
 from .ema import EMASet
+from .phema import power_beta, std_to_exp
 from .fast_paths import apply_fast_paths
 
 INITIAL_LOG_LOSS_SCALE = 20.0  # published: lg_loss_scale climbs to 20-21 within ~1K ImageNet steps
@@ -191,6 +192,8 @@ class TrainLoop:
         adam_eps=1e-8,
         lr_ref_steps=0,
         grad_clip=0.0,
+        phema_std=(),
+        phema_snapshot_interval=0,
     ):
         self.model = model
         self.method = method
@@ -205,6 +208,8 @@ class TrainLoop:
         self.lr_anneal_steps = lr_anneal_steps
         self.optimizer, self.adam_betas, self.adam_eps = optimizer, tuple(adam_betas), adam_eps
         self.lr_ref_steps, self.grad_clip = lr_ref_steps, grad_clip
+        self.phema_std, self.phema_interval = list(phema_std), phema_snapshot_interval
+        self.phema_gamma = [std_to_exp(std) for std in self.phema_std]
         self.total_training_steps = total_training_steps
         self.seed = seed
         self.config = config
@@ -232,6 +237,7 @@ class TrainLoop:
         self.ddp_model = self._wrap_ddp(model)
         self.opt = self._new_optimizer()
         self.ema = EMASet(self.ema_rate, self.precision.master_params)
+        self.phema = EMASet(self.phema_std, self.precision.master_params)  # power-function EMAs (cm.phema)
         method.setup(self, resume_path)
         if resume_path:
             self._load_training_state(resume_path)
@@ -248,6 +254,7 @@ class TrainLoop:
     def checkpoint_names(self, step):
         """The files one complete checkpoint consists of; the model file is written last."""
         names = [f"ema_{rate}_{step:06d}.pt" for rate in self.ema_rate]
+        names += [f"phema_{std}_{step:06d}.pt" for std in self.phema_std]
         names += [f"opt{step:06d}.pt", f"train_state{step:06d}.pt"]
         return self.method.checkpoint_names(step) + names + [f"model{step:06d}.pt"]
 
@@ -256,8 +263,10 @@ class TrainLoop:
         opt_path = companion(path, f"opt{step:06d}.pt")
         if opt_path:
             self.opt.load_state_dict(self.checkpoints.load(opt_path, map_location=self.device))
-        for rate, params in zip(self.ema_rate, self.ema.params):
-            ema_path = companion(path, f"ema_{rate}_{step:06d}.pt")
+        averages = [(f"ema_{rate}_{step:06d}.pt", p) for rate, p in zip(self.ema_rate, self.ema.params)]
+        averages += [(f"phema_{std}_{step:06d}.pt", p) for std, p in zip(self.phema_std, self.phema.params)]
+        for name, params in averages:
+            ema_path = companion(path, name)
             if ema_path:
                 state = self.checkpoints.load(ema_path, map_location=self.device)
                 for p, (name, _) in zip(params, self.model.named_parameters()):
@@ -321,6 +330,9 @@ class TrainLoop:
             if took and self.save_interval > 0 and self.step % self.save_interval == 0:
                 self.save()
                 last_saved = self.step
+            elif took and self._phema_snapshot_due():
+                self._check_finite()
+                self.checkpoints.save(self.step, self.phema_files(self.step))
         bar.close()
         if last_saved != self.step:
             self.save()
@@ -351,7 +363,9 @@ class TrainLoop:
         self.means.add("grad_norm", grad_norm)
         if took:
             # the sampling EMAs and the method's averages (the target network) in one fused update
-            self.ema.update(self.precision.master_params, also=self.method.averages(self.step))
+            images = (self.step + 1) * self.global_batch  # the time of the power-function profiles, in images
+            phema = [(p, power_beta(g, images, self.global_batch)) for g, p in zip(self.phema_gamma, self.phema.params)]
+            self.ema.update(self.precision.master_params, also=list(self.method.averages(self.step)) + phema)
             self.method.after_step(self)
             self.step += 1
         self._anneal_lr()
@@ -404,6 +418,22 @@ class TrainLoop:
             state[name] = p.detach().float().clone(memory_format=torch.contiguous_format)
         return with_config(state, self.config)
 
+    def _phema_snapshot_due(self):
+        """Whether this step crossed a multiple of --phema_snapshot_interval images."""
+        if not self.phema_std or self.phema_interval <= 0:
+            return False
+        images = self.step * self.global_batch
+        return images // self.phema_interval > (images - self.global_batch) // self.phema_interval
+
+    def phema_files(self, step):
+        """phema_STD_NNNNNN.pt of every profile: its average as a model file, the profile in its config."""
+        files = {}
+        for std, params in zip(self.phema_std, self.phema.params):
+            state = self.params_state_dict(params)
+            profile = {"std": std, "step": step, "images": step * self.global_batch, "batch": self.global_batch}
+            files[f"phema_{std}_{step:06d}.pt"] = with_config(state, {**(self.config or {}), "phema": profile})
+        return files
+
     def training_state(self):
         return {
             "step": self.step,
@@ -421,6 +451,7 @@ class TrainLoop:
         self._check_finite()
         step = self.step
         files = {f"ema_{rate}_{step:06d}.pt": self.params_state_dict(p) for rate, p in zip(self.ema_rate, self.ema.params)}
+        files.update(self.phema_files(step))
         files[f"opt{step:06d}.pt"] = self.opt.state_dict()
         files.update(self.method.checkpoint_files(self, step))
         files[f"train_state{step:06d}.pt"] = self.training_state()

@@ -113,11 +113,14 @@ def _script_cmd(log_dir, steps, extra=""):
             + f"--total_training_steps {steps} --dropout 0.1 " + extra), "--log_dir", str(log_dir)]
 
 
+PHEMA = "--phema_std 0.05,0.1 --phema_snapshot_interval 48"  # snapshots every 3 steps of 16 images
+
+
 def test_sigkill_then_resume_continues_exactly(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert run(_script_cmd(whole, 15)).returncode == 0
+    assert run(_script_cmd(whole, 15, PHEMA)).returncode == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")  # as run() uses: same threads, same float sums
-    proc = subprocess.Popen(_script_cmd(killed, 15), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_script_cmd(killed, 15, PHEMA), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (killed / "model000010.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -128,10 +131,16 @@ def test_sigkill_then_resume_continues_exactly(tmp_path):
         if (whole / name).exists() and not (killed / "model000015.pt").exists():
             shutil.copy(whole / name, killed / name)
     (killed / "model000015.tmp999.pt").write_bytes(b"half a checkpoint")
-    result = run(_script_cmd(killed, 15))
+    result = run(_script_cmd(killed, 15, PHEMA))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resuming from" in result.stdout
     assert_same(state(whole, 15), state(killed, 15))
+    # the power-function EMAs' snapshots (every 3 steps) and checkpoint files (every 5), before and after the kill
+    snapshots = sorted(f.name for f in whole.glob("phema_*.pt"))
+    assert snapshots == sorted(f.name for f in killed.glob("phema_*.pt"))
+    assert {f"phema_0.05_{k:06d}.pt" for k in (3, 5, 6, 9, 10, 12, 15)} <= set(snapshots)
+    for name in snapshots:
+        assert_same({name: torch.load(whole / name, weights_only=True)}, {name: torch.load(killed / name, weights_only=True)})
     opt_a = torch.load(whole / "opt000015.pt", weights_only=True)
     opt_b = torch.load(killed / "opt000015.pt", weights_only=True)
     for key, value in opt_a["state"].items():

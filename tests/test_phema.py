@@ -1,0 +1,82 @@
+"""Power-function EMA (EDM2): the profile functions against their closed forms, the tracked average against the
+profile's exact weights, and post-hoc reconstruction from snapshots on a toy run with known parameters."""
+
+import math
+
+import numpy as np
+import pytest
+
+from cm.phema import exp_to_std, power_beta, profile_dot, solve_weights, std_to_exp
+
+
+def test_exponent_and_sigma_rel_are_inverse_and_match_edm2s_values():
+    for std in (0.01, 0.05, 0.1, 0.2, 0.28):
+        gamma = std_to_exp(std)
+        assert math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3))) == pytest.approx(std, rel=1e-12)
+        assert exp_to_std(gamma) == pytest.approx(std, rel=1e-12)
+    assert std_to_exp(0.05) == pytest.approx(16.97, abs=0.01) and std_to_exp(0.10) == pytest.approx(6.94, abs=0.01)
+    with pytest.raises(ValueError, match="sigma_rel"):
+        std_to_exp(0.3)
+
+
+def track(thetas, gamma, batch=1):
+    """The loop's recursion: avg <- beta avg + (1 - beta) theta_s, beta = power_beta at s * batch images."""
+    avg = np.zeros_like(thetas[0])
+    for s, theta in enumerate(thetas, start=1):
+        beta = power_beta(gamma, s * batch, batch)
+        avg = beta * avg + (1 - beta) * theta
+    return avg
+
+
+def test_the_tracked_average_gives_each_step_the_profiles_mass_over_it():
+    rng = np.random.default_rng(0)
+    T, gamma = 300, std_to_exp(0.1)
+    thetas = rng.normal(size=(T, 5))
+    s = np.arange(1, T + 1)
+    mass = (s / T) ** (gamma + 1) - ((s - 1) / T) ** (gamma + 1)  # the integral of (g+1) tau^g / T^(g+1) over step s
+    np.testing.assert_allclose(track(thetas, gamma, batch=8), mass @ thetas, rtol=1e-10, atol=1e-12)
+    assert power_beta(gamma, 8, 8) == 0.0  # the first step's weights start the average
+
+
+@pytest.mark.parametrize("t_a, t_b", [(600.0, 1000.0), (1000.0, 600.0), (800.0, 800.0)])
+def test_profile_inner_products_against_quadrature(t_a, t_b):
+    g_a, g_b = std_to_exp(0.1), std_to_exp(0.05)
+    tau = np.linspace(0, min(t_a, t_b), 200_001)  # the product is 0 beyond the shorter profile
+    p_a = (g_a + 1) * (tau / t_a) ** g_a / t_a
+    p_b = (g_b + 1) * (tau / t_b) ** g_b / t_b
+    assert profile_dot(t_a, g_a, t_b, g_b) == pytest.approx(np.trapezoid(p_a * p_b, tau), rel=1e-5)
+
+
+def toy_run(T=2000, every=50, stds=(0.05, 0.1)):
+    """Known parameters theta_s (a drifting, oscillating 3-vector) and snapshots of two tracked profiles."""
+    s = np.arange(1, T + 1)
+    thetas = np.stack([np.sin(s / 150), np.cos(s / 85) * (s / T), (s / T) ** 2], axis=1)
+    times, snap_std, snaps = [], [], []
+    for std in stds:
+        gamma, avg = std_to_exp(std), np.zeros(3)
+        for k, theta in enumerate(thetas, start=1):
+            beta = power_beta(gamma, k, 1)
+            avg = beta * avg + (1 - beta) * theta
+            if k % every == 0:
+                times.append(k), snap_std.append(std), snaps.append(avg.copy())
+    return thetas, np.array(times, dtype=float), snap_std, np.stack(snaps)
+
+
+def test_reconstruction_returns_a_tracked_profile_and_fits_one_between():
+    thetas, times, snap_std, snaps = toy_run()
+    T = len(thetas)
+    x, err = solve_weights(times, snap_std, T, 0.1)
+    assert err < 1e-6
+    np.testing.assert_allclose(x @ snaps, track(thetas, std_to_exp(0.1)), rtol=1e-9, atol=1e-9)
+    # sigma_rel 0.07, between the two, and 0.15, beyond them, against the directly tracked average
+    for std, bound in ((0.07, 1e-3), (0.15, 1e-2)):
+        x, err = solve_weights(times, snap_std, T, std)
+        truth = track(thetas, std_to_exp(std))
+        measured = np.abs(x @ snaps - truth).max() / np.abs(truth).max()
+        assert err < 0.05 and measured < bound, (std, err, measured)
+    # a classic EMA of half-life 100 steps at T, against its own recursion (beta = 0.5^(1/100))
+    x, err = solve_weights(times, snap_std, T, target_halflife=100)
+    beta, avg = 0.5 ** (1 / 100), thetas[0].copy()
+    for theta in thetas[1:]:
+        avg = beta * avg + (1 - beta) * theta
+    assert err < 0.05 and np.abs(x @ snaps - avg).max() < 1e-2 * np.abs(avg).max()
