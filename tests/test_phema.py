@@ -2,11 +2,18 @@
 profile's exact weights, and post-hoc reconstruction from snapshots on a toy run with known parameters."""
 
 import math
+import shlex
 
 import numpy as np
 import pytest
+import torch
 
 from cm.phema import exp_to_std, power_beta, profile_dot, solve_weights, std_to_exp
+
+from test_scripts import TINY_FLAGS, load_script
+from test_training import TRAIN, run_in_process, train
+
+CT = "--training_mode consistency_training --start_scales 4 --end_scales 8 --loss_norm l2"
 
 
 def test_exponent_and_sigma_rel_are_inverse_and_match_edm2s_values():
@@ -80,3 +87,29 @@ def test_reconstruction_returns_a_tracked_profile_and_fits_one_between():
     for theta in thetas[1:]:
         avg = beta * avg + (1 - beta) * theta
     assert err < 0.05 and np.abs(x @ snaps - avg).max() < 1e-2 * np.abs(avg).max()
+
+
+def test_reconstruct_script_returns_tracked_averages_writes_sampleable_files_and_refuses_in_one_line(
+        tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    train("cm_train", TRAIN + " " + CT + " --total_training_steps 8 --save_interval 8 --log_interval 8 "
+          "--phema_std 0.05,0.1 --phema_snapshot_interval 32", run_dir)  # a snapshot every 2 steps of 16 images
+    assert len(list(run_dir.glob("phema_0.1_*.pt"))) == 4
+    reconstruct = load_script("reconstruct_ema")
+    reconstruct.main(["--run_dir", str(run_dir), "--std", "0.1,0.07", "--halflife_images", "40", "--max_error", "1"])
+    tracked = torch.load(run_dir / "phema_0.1_000008.pt", weights_only=True)
+    rebuilt = torch.load(run_dir / "posthoc" / "posthoc_0.1_000008.pt", weights_only=True)
+    for key, value in tracked.items():
+        torch.testing.assert_close(rebuilt[key], value, rtol=1e-5, atol=1e-6)
+    sample = load_script("image_sample")
+    sample.main(shlex.split(TINY_FLAGS) + ["--training_mode", "consistency_training", "--sampler", "onestep",
+                                           "--model_path", str(run_dir / "posthoc" / "posthoc_0.07_000008.pt"),
+                                           "--num_samples", "2", "--batch_size", "2", "--log_dir", str(tmp_path / "s")])
+    assert list((tmp_path / "s").glob("samples_2x16x16x3.npz"))
+    for argv, message in ((["--std", "0.25"], "cannot express sigma_rel 0.25"),
+                          (["--std", "0.4"], "--std: a power-function EMA's sigma_rel must be in"),
+                          (["--std", "0.1", "--step", "5"], "no snapshot at step 5")):
+        result = run_in_process("reconstruct_ema", ["--run_dir", str(run_dir), *argv], monkeypatch, capsys)
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    empty = run_in_process("reconstruct_ema", ["--run_dir", str(tmp_path), "--std", "0.1"], monkeypatch, capsys)
+    assert empty.returncode == 1 and "--phema_std" in empty.stderr
