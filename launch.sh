@@ -2,7 +2,8 @@
 # The published experiments by name, and the embedded demo.
 #
 #   bash launch.sh demo                                   # CPU demo on the embedded digits (4 to 7 minutes on 2 cores)
-#   bash launch.sh compare                                # CT vs iCT vs ECT on the digits (about 30 minutes on a 2-core Intel AMX CPU)
+#   bash launch.sh compare                                # CT, iCT, sCT, ECT, CD, sCD on the digits (docs/digits.md: time)
+#   bash launch.sh phema_sweep                            # post-hoc EMA sweep on the digits (docs/digits.md: time)
 #   bash launch.sh list                                   # every preset, with what it runs
 #   bash launch.sh ct_imagenet64 --data_dir /data/imagenet64          # one process
 #   NPROC=8 bash launch.sh ct_imagenet64 --data_dir /data/imagenet64  # mpiexec -n 8
@@ -26,6 +27,9 @@ case "$name" in
     ;;
   compare)
     exec python scripts/compare_digits.py "$@"
+    ;;
+  phema_sweep)
+    exec python scripts/phema_sweep_digits.py "$@"
     ;;
   list|-h|--help)
     sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'

@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from . import dist_util
+from .image_io import save_npz
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 DIGITS_NAME = "digits"
@@ -400,3 +401,16 @@ def _resize_short_side(pil_image, short_side):
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = short_side / min(*pil_image.size)
     return pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+
+
+def digits_reference_sets(folder):
+    """(digits_ref.npz, [digits_half_0.npz, digits_half_1.npz]) in `folder`, written once: all 1,797 digits (the
+    reference batch of the digits evaluations) and its alternate halves (what real data score against real)."""
+    ref = os.path.join(folder, "digits_ref.npz")
+    halves = [os.path.join(folder, f"digits_half_{k}.npz") for k in (0, 1)]
+    if not all(os.path.exists(p) for p in [ref, *halves]):
+        images, labels = load_digits_arrays()
+        for path, rows in ((ref, slice(None)), (halves[0], slice(0, None, 2)), (halves[1], slice(1, None, 2))):
+            if not os.path.exists(path):
+                save_npz(path, images[rows], labels[rows])
+    return ref, halves

@@ -35,9 +35,9 @@ import edm_train
 import image_sample
 from cm.atomic import atomic_write_text
 from cm.config import load_preset
+from cm.image_datasets import digits_reference_sets
 from cm.precision import cpu_model_name
-from cm.image_datasets import load_digits_arrays
-from cm.image_io import save_grid, save_npz
+from cm.image_io import save_grid
 from cm.methods import parameterization
 from cm.plots import curves_png
 from cm.cli import run_cli, str2bool
@@ -227,14 +227,7 @@ def main(argv=None):
             equal_time[method]["model_path"] = ema_path(equal_time[method]["run_dir"], METHODS[method][0], k)
 
     print("[4/4] sampling and evaluation with the digits feature extractor", flush=True)
-    images, labels = load_digits_arrays()
-    ref = run("digits_ref.npz")
-    halves = [run(f"digits_half_{k}.npz") for k in (0, 1)]
-    if not os.path.exists(ref):
-        save_npz(ref, images, labels)
-    for k, path in enumerate(halves):
-        if not os.path.exists(path):
-            save_npz(path, images[k::2], labels[k::2])
+    ref, halves = digits_reference_sets(args.log_dir)
 
     rows, grids = [], {"onestep": [], "twostep": []}
     for round_name, results in (("equal steps", equal_steps), ("equal wall-clock", equal_time)):

@@ -23,8 +23,7 @@ import cm_train  # a sibling script (python puts scripts/ first on the path)
 import image_sample
 from cm.atomic import atomic_write_text
 from cm.config import load_preset
-from cm.image_datasets import load_digits_arrays
-from cm.image_io import save_npz
+from cm.image_datasets import digits_reference_sets
 from cm.plots import curves_png
 from cm.precision import cpu_model_name
 from cm.cli import run_cli, str2bool
@@ -64,10 +63,7 @@ def main(argv=None):
     model_path = os.path.join(train_dir, f"ema_{rate}_{steps:06d}.pt")
 
     print("[2/4] the real digits as the reference batch", flush=True)
-    images, labels = load_digits_arrays()
-    ref_path = os.path.join(args.log_dir, "digits_ref.npz")
-    if not os.path.exists(ref_path):
-        save_npz(ref_path, images, labels)
+    ref_path, halves = digits_reference_sets(args.log_dir)
 
     results = {}
     ref_energy = high_frequency_energy(ref_path)
@@ -81,10 +77,6 @@ def main(argv=None):
         results[name]["hf_ratio"] = high_frequency_ratio(ref_energy, npz)
     print("[4/4] evaluation with the digits feature extractor", flush=True)
     # what real data score: half of the digits (with their labels) against the other half
-    halves = [os.path.join(args.log_dir, f"digits_half_{k}.npz") for k in (0, 1)]
-    for k, path in enumerate(halves):
-        if not os.path.exists(path):
-            save_npz(path, images[k::2], labels[k::2])
     real = results["real digits (half vs half)"] = evaluate(halves[0], halves[1], features="digits")
     real["hf_ratio"] = high_frequency_ratio(halves[0], halves[1])
 
