@@ -52,6 +52,7 @@ def sampling_argparser(description, **script_defaults):
         steps=40,  # sampler steps (multistep: points of the Karras grid that --ts indexes)
         model_path="",  # checkpoint; empty: a randomly initialised model
         seed=42,
+        seeds="",  # comma-separated seeds: one batch per seed, in LOG_DIR/seed_S/ (repeated evaluations)
         ts="",  # multistep grid indices, e.g. 0,22,39
         class_labels="",  # fixed labels, cycled over the samples; empty: uniform over num_classes
         device="",  # cpu | cuda | cuda:N; empty: this rank's GPU if any, else the CPU
@@ -59,7 +60,7 @@ def sampling_argparser(description, **script_defaults):
         channels_last=False,  # fast path: run the network in the channels_last (NHWC) memory format
         compile=False,  # fast path: torch.compile the network (compiles on the first batch)
         precision="auto",  # auto | fp32 | bf16 | fp16 of the torso; auto: bf16 where the device runs it natively
-        time_input="edm",  # sCM models' time input: edm (250 ln(sigma_d tan t)) | identity (t; sCT from scratch)
+        time_input="edm",  # sCM models' time input: edm (the EDM network's c_noise(sigma_d tan t)) | identity (t; sCT)
         t_mid="1.1",  # sCM multistep: the intermediate TrigFlow times, decreasing (the paper's ImageNet-64 two-step: 1.1)
     )
     defaults.update(model_and_diffusion_defaults())
@@ -73,7 +74,7 @@ def sampling_argparser(description, **script_defaults):
 SAMPLE_SETTINGS = (
     "training_mode", "generator", "clip_denoised", "num_samples", "sampler", "s_churn", "s_tmin", "s_tmax",
     "s_noise", "steps", "model_path", "seed", "ts", "class_labels", "sigma_min", "sigma_max", "precision",
-    "time_input", "t_mid",
+    "time_input", "t_mid", "c_noise", "double_norm",
 )
 
 
@@ -82,6 +83,14 @@ def parse_int_list(text, flag):
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise ValueError(f"--{flag} must be comma-separated integers, got {text!r}") from None
+
+
+def sampling_seeds(args):
+    """The seeds of --seeds (distinct), or None: one batch at --seed."""
+    seeds = parse_int_list(args.seeds, "seeds")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds repeats a seed: {args.seeds!r}")
+    return seeds or None
 
 
 def check_sampling_args(args):

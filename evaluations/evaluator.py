@@ -2,8 +2,8 @@
 published evaluator's definitions (openai/consistency_models evaluations/evaluator.py, itself guided-diffusion's),
 in PyTorch, on a GPU or the CPU:
 
-    python evaluations/evaluator.py REF.npz SAMPLE.npz [--features inception|digits|random]
-        [--inception_path PATH] [--batch_size N] [--device cpu|cuda]
+    python evaluations/evaluator.py REF.npz SAMPLE.npz [SAMPLE2.npz ...] [--features inception|digits|random|dinov2]
+        [--inception_path PATH] [--dinov2_path PATH] [--batch_size N] [--device cpu|cuda] [--repeats K] [--json PATH]
 
 Both files hold `arr_0`, uint8 images (N, H, W, 3) of any size (read in batches, never whole). With
 --features inception (the default) the features are those of the TF Inception-v3 graph of 2015-12-05 (see
@@ -14,9 +14,17 @@ statistics are cached beside the reference file (REF.stats_<features>.npz), keye
 modification time and on the feature network's weights.
 
 With --features digits and a sample batch with `arr_1` labels, the classifier's accuracy on them is printed too.
+With --features dinov2 the FID line is FD_DINOv2 (the Frechet distance in DINOv2 ViT-L/14's 1024-d class-token
+features; weights dinov2_vitl14_pretrain.pth from the torch hub cache, --dinov2_path, or a download), and precision
+and recall are computed in that space too.
+
+Repeated evaluations (EDM2 reports the minimum over repeated draws): several sample files (e.g. image_sample.py
+--seeds 0,1,2), or one cut into --repeats K equal batches, are each evaluated; the table gives each metric's mean,
+standard deviation (ddof 1) and minimum, and --json PATH writes them with every run's metrics.
 """
 
 import argparse
+import json
 import os
 import warnings
 import zipfile
@@ -28,7 +36,7 @@ from scipy import linalg
 from tqdm.auto import tqdm
 
 
-from cm.atomic import atomic_write
+from cm.atomic import atomic_write, atomic_write_text
 from evaluations.feature_extractors import FEATURES, create_feature_extractor
 
 CACHE_FORMAT = 1
@@ -338,6 +346,7 @@ class Evaluator:
         pretrained=True,
         progress=True,
         cache=True,
+        dinov2_path=None,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -347,7 +356,7 @@ class Evaluator:
         self.softmax_batch_size = softmax_batch_size
         self.progress = progress
         self.cache = cache
-        self.extractor = create_feature_extractor(features, self.device, inception_path, pretrained)
+        self.extractor = create_feature_extractor(features, self.device, inception_path, pretrained, dinov2_path)
         self.manifold_estimator = ManifoldEstimator(device=self.device)
 
     def read_activations(self, npz_path: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
@@ -435,12 +444,41 @@ class Evaluator:
         """The metrics of evaluate(); `log` (e.g. print) receives the published progress lines."""
         log = log or (lambda *args: None)
         log("computing reference batch activations...")
-        (ref_pool, _), (ref_stats, ref_stats_spatial) = self.read_reference(ref_npz)
+        reference = self.read_reference(ref_npz)
         log("computing sample batch activations...")
         sample_acts = self.read_activations(sample_npz)
         log("computing/reading sample batch statistics...")
-        sample_stats, sample_stats_spatial = self.read_statistics(sample_npz, sample_acts)
+        sample_stats = self.read_statistics(sample_npz, sample_acts)
         log("Computing evaluations...")
+        return self.metrics(reference, sample_acts, sample_stats, read_labels(sample_npz, len(sample_acts[0])))
+
+    def evaluate_repeats(self, ref_npz: str, sample_npzs, repeats: int = 1, log=None) -> dict:
+        """The metrics of each of several sample batches (EDM2 reports the minimum over repeated draws): the
+        files in `sample_npzs`, or one file cut into `repeats` equal consecutive parts (a remainder dropped).
+        Returns {"runs": [metrics, ...], "mean", "std" (sample standard deviation; None for one run), "min"}."""
+        log = log or (lambda *args: None)
+        if repeats > 1 and len(sample_npzs) > 1:
+            raise ValueError("pass several sample files or --repeats K with one, not both")
+        log("computing reference batch activations...")
+        reference = self.read_reference(ref_npz)
+        runs = []
+        for npz in sample_npzs:
+            pool, spatial = self.read_activations(npz)
+            labels = read_labels(npz, len(pool))
+            size = len(pool) // repeats
+            if size < 2:
+                raise ValueError(f"{npz}: {len(pool)} samples cannot make {repeats} batches of two or more")
+            for k in range(repeats):
+                part = slice(k * size, (k + 1) * size)
+                acts = (pool[part], None if spatial is None else spatial[part])
+                stats = (self.compute_statistics(acts[0]), None if spatial is None else self.compute_statistics(acts[1]))
+                runs.append(self.metrics(reference, acts, stats, None if labels is None else labels[part]))
+        return {"runs": runs, **repeat_summary(runs)}
+
+    def metrics(self, reference, sample_acts, sample_stats, labels=None) -> dict:
+        """The metrics of sample activations and statistics against a reference's (read_reference)."""
+        (ref_pool, _), (ref_stats, ref_stats_spatial) = reference
+        sample_stats, sample_stats_spatial = sample_stats
         has_spatial = sample_stats_spatial is not None and ref_stats_spatial is not None
         precision, recall = self.compute_prec_recall(ref_pool, sample_acts[0])
         metrics = {
@@ -452,11 +490,23 @@ class Evaluator:
             "precision": precision,
             "recall": recall,
         }
-        if self.extractor.predicts_labels:
-            labels = read_labels(sample_npz, len(sample_acts[0]))
-            if labels is not None:
-                metrics["class_accuracy"] = self.compute_class_accuracy(sample_acts[0], labels)
+        if self.extractor.predicts_labels and labels is not None:
+            metrics["class_accuracy"] = self.compute_class_accuracy(sample_acts[0], labels)
         return metrics
+
+
+def repeat_summary(runs):
+    """{"mean", "std", "min"} of each metric over the runs (std: the sample standard deviation, ddof 1)."""
+    summary = {"mean": {}, "std": {}, "min": {}}
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        if any(v is None for v in values):
+            summary["mean"][key] = summary["std"][key] = summary["min"][key] = None
+            continue
+        summary["mean"][key] = float(np.mean(values))
+        summary["std"][key] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        summary["min"][key] = float(np.min(values))
+    return summary
 
 
 # ----- the reference-statistics cache -----
@@ -514,26 +564,52 @@ def format_metric(value):
     return "n/a" if value is None else value
 
 
+def repeats_table(result):
+    """mean, std and min of each metric over the runs, then each run's value."""
+    runs = result["runs"]
+    cell = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    head = f"{'metric':16s} {'mean':>10s} {'std':>10s} {'min':>10s}  "
+    lines = [head + " ".join(f"{f'run {k}':>10s}" for k in range(len(runs)))]
+    for key in runs[0]:
+        lines.append(f"{key:16s} {cell(result['mean'][key]):>10s} {cell(result['std'][key]):>10s} "
+                     f"{cell(result['min'][key]):>10s}  " + " ".join(f"{cell(r[key]):>10s}" for r in runs))
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ref_batch", help="path to reference batch npz file")
-    parser.add_argument("sample_batch", help="path to sample batch npz file")
+    parser.add_argument("sample_batch", nargs="+", help="path to sample batch npz file (several: repeated draws)")
     parser.add_argument("--features", default="inception", choices=FEATURES, help="the feature network")
     parser.add_argument("--inception_path", default=None, help="the Inception weight file (default: torch hub cache)")
+    parser.add_argument("--dinov2_path", default=None, help="the DINOv2 ViT-L/14 weight file (default: torch hub cache)")
     parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: a GPU if there is one)")
     parser.add_argument("--no_cache", action="store_true", help="do not read or write REF.stats_<features>.npz")
+    parser.add_argument("--repeats", type=int, default=1, help="cut the sample batch into K equal batches, each evaluated")
+    parser.add_argument("--json", default="", help="also write the metrics (and mean, std, min over repeats) here")
     args = parser.parse_args()
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
     evaluator = Evaluator(
         args.features,
         batch_size=args.batch_size,
         device=args.device,
         inception_path=args.inception_path,
+        dinov2_path=args.dinov2_path,
         cache=not args.no_cache,
     )
-    metrics = evaluator.evaluate(args.ref_batch, args.sample_batch, log=print)
+    if len(args.sample_batch) > 1 or args.repeats > 1:
+        result = evaluator.evaluate_repeats(args.ref_batch, args.sample_batch, args.repeats, log=print)
+        print(repeats_table(result))
+        if args.json:
+            atomic_write_text(args.json, json.dumps(result, indent=2))
+        return
+    metrics = evaluator.evaluate(args.ref_batch, args.sample_batch[0], log=print)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(metrics, indent=2))
     print("Inception Score:", format_metric(metrics["inception_score"]))
     print("FID:", metrics["fid"])
     print("sFID:", format_metric(metrics["sfid"]))

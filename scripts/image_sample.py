@@ -19,6 +19,7 @@ from cm.sample_util import (
     load_sampling_model,
     sample_kwargs,
     sampling_argparser,
+    sampling_seeds,
     trigflow_t_mid,
 )
 from cm.cli import run_cli
@@ -30,23 +31,27 @@ def main(argv=None):
     t_mid = trigflow_t_mid(args)
     dist_util.setup_dist(device=args.device or None)
     logger.configure(args.log_dir or None)
+    seeds = sampling_seeds(args)
     model, diffusion = load_sampling_model(args)
 
-    shard_dir = os.path.join(logger.get_dir(), "samples_partial")
-    images, labels = generate_samples(
-        diffusion, model, num_samples=args.num_samples, batch_size=args.batch_size, image_size=args.image_size,
-        sampler=args.sampler, steps=args.steps, ts=ts, generator=args.generator, seed=args.seed,
-        class_cond=args.class_cond, num_classes=args.num_classes, class_labels=class_labels, shard_dir=shard_dir,
-        settings={k: str(getattr(args, k)) for k in SAMPLE_SETTINGS}, t_mid=t_mid, **sample_kwargs(args),
-    )
-    if dist_util.get_rank() == 0:
-        path = os.path.join(logger.get_dir(), f"samples_{'x'.join(str(s) for s in images.shape)}.npz")
-        save_npz(path, *([images] + ([labels] if args.class_cond else [])))
-        # with fixed labels, one column per label
-        save_grid(images[:64], os.path.join(logger.get_dir(), "samples_grid.png"), nrow=len(class_labels) or None)
-        finish_shards(shard_dir)
-        logger.log(f"saved {path} and samples_grid.png")
-    dist_util.barrier()
+    for seed in seeds or [args.seed]:
+        out_dir = os.path.join(logger.get_dir(), f"seed_{seed}") if seeds else logger.get_dir()
+        shard_dir = os.path.join(out_dir, "samples_partial")
+        settings = {k: str(getattr(args, k)) for k in SAMPLE_SETTINGS} | {"seed": str(seed)}
+        images, labels = generate_samples(
+            diffusion, model, num_samples=args.num_samples, batch_size=args.batch_size, image_size=args.image_size,
+            sampler=args.sampler, steps=args.steps, ts=ts, generator=args.generator, seed=seed,
+            class_cond=args.class_cond, num_classes=args.num_classes, class_labels=class_labels, shard_dir=shard_dir,
+            settings=settings, t_mid=t_mid, **sample_kwargs(args),
+        )
+        if dist_util.get_rank() == 0:
+            path = os.path.join(out_dir, f"samples_{'x'.join(str(s) for s in images.shape)}.npz")
+            save_npz(path, *([images] + ([labels] if args.class_cond else [])))
+            # with fixed labels, one column per label
+            save_grid(images[:64], os.path.join(out_dir, "samples_grid.png"), nrow=len(class_labels) or None)
+            finish_shards(shard_dir)
+            logger.log(f"saved {path} and samples_grid.png")
+        dist_util.barrier()
 
 
 def create_argparser():

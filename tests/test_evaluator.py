@@ -1,6 +1,7 @@
 """evaluations/: the metrics against closed forms and brute force, the reference-statistics cache, the
 npz reader, the three feature networks (Inception with random weights), the weight-file errors, the CLI."""
 
+import json
 import os
 import subprocess
 import sys
@@ -515,3 +516,28 @@ def test_training_script_is_deterministic_and_holds_out_a_fifth():
     assert acc_a == acc_b > 0.3
     for key, value in a.state_dict().items():
         torch.testing.assert_close(value, b.state_dict()[key], rtol=0, atol=0)
+
+
+def test_repeats_evaluate_each_batch_and_summarise_it(tmp_path, digits):
+    images, labels = digits
+    ref = save_npz(tmp_path / "ref.npz", images[:200], labels[:200])
+    sample = save_npz(tmp_path / "sample.npz", images[200:350], labels[200:350])
+    parts = [save_npz(tmp_path / f"part{k}.npz", images[200 + 50 * k: 250 + 50 * k], labels[200 + 50 * k: 250 + 50 * k])
+             for k in range(3)]
+    evaluator = Evaluator("digits", device="cpu", progress=False, cache=False)
+    cut = evaluator.evaluate_repeats(ref, [sample], repeats=3)
+    for run, part in zip(cut["runs"], parts):  # each batch as if it were its own file
+        direct = evaluator.evaluate(ref, part)
+        assert run.keys() == direct.keys() and all(run[k] == pytest.approx(direct[k], rel=1e-6) for k in run if run[k] is not None)
+    fids = [r["fid"] for r in cut["runs"]]
+    assert cut["mean"]["fid"] == pytest.approx(sum(fids) / 3)
+    assert cut["std"]["fid"] == pytest.approx((sum((f - sum(fids) / 3) ** 2 for f in fids) / 2) ** 0.5)
+    assert cut["min"]["fid"] == min(fids) and cut["min"]["class_accuracy"] == min(r["class_accuracy"] for r in cut["runs"])
+    result = run_cli(ref, *parts, "--features", "digits", "--device", "cpu", "--json", tmp_path / "r.json")
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert [r["fid"] for r in written["runs"]] == pytest.approx(fids, rel=1e-6)
+    assert written["min"]["fid"] == pytest.approx(min(fids), rel=1e-6)
+    assert "mean" in result.stdout and "run 2" in result.stdout
+    with pytest.raises(ValueError, match="not both"):
+        evaluator.evaluate_repeats(ref, parts, repeats=2)

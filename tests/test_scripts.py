@@ -84,6 +84,18 @@ def test_image_sample_writes_npz_and_grid(tmp_path):
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
 
+def test_seeds_write_one_batch_per_seed_each_the_batch_of_that_seed(tmp_path):
+    sample = load_script("image_sample")
+    flags = [*TINY_FLAGS.split(), "--training_mode", "consistency_training", "--sampler", "onestep", "--num_samples", "5",
+             "--batch_size", "4", "--generator", "determ"]
+    sample.main(flags + ["--seed", "1", "--log_dir", str(tmp_path / "plain")])
+    sample.main(flags + ["--seeds", "1,2", "--log_dir", str(tmp_path / "seeds")])
+    plain = np.load(tmp_path / "plain" / "samples_5x16x16x3.npz")
+    batches = [np.load(tmp_path / "seeds" / f"seed_{s}" / "samples_5x16x16x3.npz") for s in (1, 2)]
+    assert np.array_equal(batches[0]["arr_0"], plain["arr_0"]) and np.array_equal(batches[0]["arr_1"], plain["arr_1"])
+    assert not np.array_equal(batches[0]["arr_0"], batches[1]["arr_0"])
+
+
 def test_image_sample_fixed_labels(tmp_path):
     data, _ = _sample(tmp_path, "b", ["--batch_size", "4", "--class_labels", "3,5"])
     assert data["arr_1"].tolist() == [3, 5, 3, 5, 3, 5, 3]
