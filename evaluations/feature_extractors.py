@@ -11,6 +11,8 @@ and, where it is a classifier, `logits(pool)` gives its class scores (Inception 
   digits     a small CNN trained on the embedded digits set (train_digits_classifier.py): penultimate layer
              (128), the first 7 channels of its third convolution (7*8*8), its 10 logits
   random     a fixed-seed Gaussian projection of the 32x32 image to 256 dimensions: no sFID, no classifier
+  dinov2     DINOv2 ViT-L/14 (evaluations/dinov2.py): its final-norm class token (1024), for FD_DINOv2 (Stein et al.
+             2023; dgm-eval, EDM2); no sFID, no classifier
 """
 
 import contextlib
@@ -24,7 +26,9 @@ import torch.nn.functional as F
 
 from cm.checkpoints import state_dict_mismatch, weights_file
 
-FEATURES = ("inception", "digits", "random")
+from .dinov2 import VITL14, DinoVisionTransformer
+
+FEATURES = ("inception", "digits", "random", "dinov2")
 
 # The TF graph's weights as a PyTorch state dict: per torch-fidelity's notes, the checkpoint pytorch-fid's author
 # exported; both projects publish it, under these names with the same hex, the file's SHA-256 prefix (torch hub's
@@ -46,11 +50,19 @@ RANDOM_SIZE = 32
 RANDOM_DIM = 256
 RANDOM_SEED = 0
 
+# facebookresearch/dinov2's ViT-L/14 weights, as torch.hub caches them (the Hub loader checks no hash)
+DINOV2_FILE = "dinov2_vitl14_pretrain.pth"
+DINOV2_URLS = ("https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth",)
+DINOV2_SIZE = 224  # dgm-eval's and EDM2's input size
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DINOV2_ARCH = dict(VITL14)
 
-def create_feature_extractor(name, device="cpu", inception_path=None, pretrained=True):
+
+def create_feature_extractor(name, device="cpu", inception_path=None, pretrained=True, dinov2_path=None):
     """The extractor called `name` (see FEATURES), in eval mode on `device`.
 
     :param inception_path: the Inception weight file (default: the torch hub cache, else a download).
+    :param dinov2_path: the DINOv2 ViT-L/14 weight file (default: the torch hub cache, else a download).
     :param pretrained: False builds the network with seeded random weights and reads no file (for tests).
     """
     if name == "inception":
@@ -59,6 +71,8 @@ def create_feature_extractor(name, device="cpu", inception_path=None, pretrained
         extractor = DigitsFeatures(DIGITS_WEIGHTS if pretrained else None)
     elif name == "random":
         extractor = RandomProjectionFeatures()
+    elif name == "dinov2":
+        extractor = DinoV2Features(dinov2_path, pretrained)
     else:
         raise ValueError(f"unknown features {name!r}: choose one of {', '.join(FEATURES)}")
     return extractor.to(device).eval()
@@ -357,3 +371,68 @@ class RandomProjectionFeatures(FeatureExtractor):
     @property
     def fingerprint(self):
         return f"random-{RANDOM_SIZE}px-{RANDOM_DIM}d-seed{RANDOM_SEED}"
+
+
+# ----- DINOv2 ViT-L/14 -----
+
+
+def randomize_vit_(model, seed=RANDOM_SEED):
+    """Seeded random weights for a DinoVisionTransformer: He-normal linear and patch layers (randomize_), small
+    normal position embeddings and class token, LayerScale 1 and LayerNorm the identity as initialised."""
+    randomize_(model, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in (model.pos_embed, model.cls_token):
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+    return model
+
+
+class DinoV2Features(FeatureExtractor):
+    """pool: DINOv2 ViT-L/14's class token after its final norm (1024), the features of FD_DINOv2. Images are
+    resized to 224x224 by bicubic interpolation with antialiasing on float [0, 255] (EDM2's default; dgm-eval
+    resizes the PIL image with PIL's bicubic filter, which EDM2 notes gives almost the same result), scaled to
+    [0, 1] and normalised with the ImageNet mean and standard deviation; no crop."""
+
+    name = "dinov2"
+
+    def __init__(self, weights_path=None, pretrained=True):
+        super().__init__()
+        self.weights_path = None
+        if pretrained:
+            self.weights_path = weights_file("DINOv2 ViT-L/14", weights_path, "--dinov2_path", (DINOV2_FILE,), DINOV2_URLS)
+            self.net = load_dinov2(self.weights_path)
+        else:
+            self.net = randomize_vit_(DinoVisionTransformer(**DINOV2_ARCH))
+        self.net.requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    @torch.no_grad()
+    def features(self, images):
+        x = to_float_nchw(images, self.mean.device)
+        if x.shape[-2:] != (DINOV2_SIZE, DINOV2_SIZE):
+            x = F.interpolate(x, size=(DINOV2_SIZE, DINOV2_SIZE), mode="bicubic", antialias=True)
+        return self.net((x / 255 - self.mean) / self.std), None
+
+    @property
+    def fingerprint(self):
+        if self.weights_path is None:
+            return f"dinov2-random-seed{RANDOM_SEED}-depth{DINOV2_ARCH['depth']}"
+        return f"dinov2-sha256-{file_sha256(self.weights_path)}"
+
+
+def load_dinov2(path):
+    """The ViT-L/14 of the checkpoint at `path` (weights_only, strict; built without initialising its 304 M
+    parameters first), one clear error if the file is unreadable or of another network."""
+    with torch.device("meta"):
+        model = DinoVisionTransformer(**DINOV2_ARCH)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        raise ValueError(f"cannot read the DINOv2 weights {path}: {err}") from err
+    problems = state_dict_mismatch(model, state_dict) if isinstance(state_dict, dict) else ["not a state dict"]
+    if problems:
+        raise ValueError(f"{path} does not fit DINOv2 ViT-L/14 ({'; '.join(problems)}); expected {DINOV2_FILE} "
+                         f"from {DINOV2_URLS[0]}")
+    model.load_state_dict(state_dict, assign=True)
+    return model
