@@ -6,6 +6,7 @@ Reading a model file needs nothing but PyTorch: a diffusers folder is the caller
 (cm.diffusers_convert.read_weights).
 """
 
+import hashlib
 import json
 import os
 import re
@@ -16,6 +17,20 @@ from . import dist_util, logger
 from .atomic import atomic_write
 
 MODEL_FILE = re.compile(r"^model(\d{6,})\.pt$")
+
+
+def file_sha256(path):
+    """The SHA-256 of a file's bytes, or of a folder's files (names and bytes, in sorted order: a diffusers folder)."""
+    digest = hashlib.sha256()
+    paths = [path] if os.path.isfile(path) else sorted(
+        os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+    for p in paths:
+        if p != path:
+            digest.update(os.path.relpath(p, path).encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_save(obj, path):
@@ -118,9 +133,7 @@ class CheckpointIO:
 
     def newest(self):
         """The model file of the newest complete checkpoint in the folder, or None."""
-        if not self.folder or not os.path.isdir(self.folder):
-            return None
-        steps = sorted((parse_resume_step_from_filename(f) for f in os.listdir(self.folder) if MODEL_FILE.match(f)), reverse=True)
+        steps = sorted((parse_resume_step_from_filename(f) for f in self._model_files()), reverse=True)
         for step in steps:
             if all(os.path.exists(os.path.join(self.folder, n)) for n in self.names(step)):
                 return os.path.join(self.folder, f"model{step:06d}.pt")
@@ -131,8 +144,23 @@ class CheckpointIO:
         if given:
             if not os.path.exists(given):
                 raise FileNotFoundError(f"--resume_checkpoint {given} does not exist")
+            # a modelNNNNNN.pt resumes at step NNNNNN; any other weight file (a published checkpoint, an EMA) starts
+            # a new run at step 0 from its weights: either way no checkpoint of another history may be overwritten
+            step = parse_resume_step_from_filename(given)
+            newer = [f for f in self._model_files() if parse_resume_step_from_filename(f) > step]
+            if newer:
+                what = f"is at step {step}" if MODEL_FILE.match(os.path.basename(given)) else "starts a new run at step 0"
+                raise ValueError(
+                    f"--resume_checkpoint {given} {what}, but {self.folder} holds later checkpoints (newest: "
+                    f"{max(newer)}) that it would overwrite; pass another --log_dir, or move them away"
+                )
             return given
         return self.newest()
+
+    def _model_files(self):
+        if not self.folder or not os.path.isdir(self.folder):
+            return []
+        return [f for f in os.listdir(self.folder) if MODEL_FILE.match(f)]
 
     @staticmethod
     def companion(model_path, name):

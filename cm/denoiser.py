@@ -42,6 +42,8 @@ class Denoiser:
         c_noise="published",
     ):
         check_c_noise(c_noise)
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"--sigma_min must be positive and below --sigma_max, got {sigma_min} and {sigma_max}")
         self.sigma_data = sigma_data
         self.sigma_max = sigma_max
         self.sigma_min = sigma_min

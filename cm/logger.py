@@ -10,6 +10,7 @@ import os
 from collections import defaultdict
 
 from . import dist_util
+from .atomic import atomic_write
 
 _dir = None
 _kvs = {}
@@ -18,12 +19,15 @@ _counts = defaultdict(int)
 _csv_keys = None
 
 
+def run_dir(dir=None):
+    """`dir`, else $OPENAI_LOGDIR (as published), else runs/<date-time>."""
+    return dir or os.environ.get("OPENAI_LOGDIR") or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f"))
+
+
 def configure(dir=None):
-    """Use `dir`, else $OPENAI_LOGDIR (as published), else runs/<date-time>; create it."""
+    """Log to run_dir(dir); create it."""
     global _dir, _csv_keys
-    _dir = dir or os.environ.get("OPENAI_LOGDIR") or os.path.join(
-        "runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    )
+    _dir = run_dir(dir)
     os.makedirs(_dir, exist_ok=True)
     _csv_keys = None
     log(f"logging to {_dir}")
@@ -73,15 +77,69 @@ def dumpkvs(echo=True):
         with open(os.path.join(_dir, "log.txt"), "a") as f:
             f.write(table + "\n")
         path = os.path.join(_dir, "progress.csv")
-        keys = sorted(row)
-        new_header = _csv_keys is None or keys != _csv_keys
+        if _csv_keys is None or not set(row) <= set(_csv_keys):
+            # a new column: the file is rewritten under one header holding every column (blank where absent)
+            old_keys, old_rows = read_progress(path)
+            _csv_keys = sorted(set(old_keys) | set(row))
+            write_progress(path, _csv_keys, old_rows)
         with open(path, "a", newline="") as f:
-            writer = csv.writer(f)
-            if new_header:
-                writer.writerow(keys)
-            writer.writerow([row[k] for k in keys])
-        _csv_keys = keys
+            csv.writer(f).writerow([row.get(k, "") for k in _csv_keys])
     return row
+
+
+def read_progress(path):
+    """(columns, rows as dicts) of a progress.csv; a header repeated mid-file (as older versions wrote after
+    a resume) starts new columns. ([], []) when there is no file."""
+    if not os.path.exists(path):
+        return [], []
+    keys, columns, rows = [], [], []
+    with open(path, newline="") as f:
+        for line in csv.reader(f):
+            if line and all(_is_name(v) for v in line):  # a header: names only (a row holds numbers)
+                columns = line
+                keys += [k for k in line if k not in keys]
+            elif line:
+                rows.append(dict(zip(columns, line)))
+    return keys, rows
+
+
+def write_progress(path, keys, rows):
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(keys)
+            writer.writerows([[r.get(k, "") for k in keys] for r in rows])
+
+    atomic_write(path, write)
+
+
+def continue_progress(step):
+    """Where a run resumes at `step` (0: a fresh start in the folder): progress.csv keeps its rows up to that
+    step, so the steps logged after the last checkpoint are not logged twice, under one header."""
+    global _csv_keys
+    if dist_util.get_rank() != 0 or _dir is None:
+        return
+    path = os.path.join(_dir, "progress.csv")
+    keys, rows = read_progress(path)
+    if keys:
+        kept = {}  # by step, the last row written for it (an older version's resume repeated steps)
+        for r in rows:
+            if _is_number(r.get("step", "")) and float(r["step"]) <= step:
+                kept[float(r["step"])] = r
+        write_progress(path, keys, [kept[k] for k in sorted(kept)])
+    _csv_keys = keys or None
+
+
+def _is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _is_name(text):
+    return bool(text) and not _is_number(text) and text.replace("_", "").replace("-", "").isalnum()
 
 
 def _fmt(v):

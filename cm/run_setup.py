@@ -10,6 +10,19 @@ from .atomic import atomic_write_text
 from .image_datasets import load_data
 from .phema import std_to_exp
 from .precision import resolve_precision_args
+from .run_folder import lock_run_folder, remove_stale_temporaries
+from .script_util import create_model_and_diffusion
+
+
+def check_training_flags(args, method_cls, model_kwargs):
+    """Every flag checked before the run folder is touched: the network and denoiser built on the meta device
+    (no memory, no weights) from `model_kwargs`, the method's flags, the averages and the optimizer's."""
+    with torch.device("meta"):
+        create_model_and_diffusion(**model_kwargs)
+    method_cls.check_flags(args)
+    ema_rates(args)
+    optimizer_flags(args)
+    phema_flags(args)
 
 
 def start_run(args):
@@ -17,7 +30,11 @@ def start_run(args):
     rank alike (identical initial weights), print the resolved config and save it as config.json;
     returns the config dict."""
     dist_util.setup_dist(device=args.device or None, gpus_per_node=args.gpus_per_node or None)
-    logger.configure(args.log_dir or None)
+    folder = logger.run_dir(args.log_dir or None)
+    lock_run_folder(folder)  # before anything is written there
+    logger.configure(folder)
+    for name in remove_stale_temporaries(folder):
+        logger.log(f"removed {name}, left by a save that did not finish")
     resolve_precision_args(args, dist_util.dev(), log=logger.log)
     torch.manual_seed(args.seed)
     config = dict(vars(args))
@@ -61,7 +78,7 @@ def loop_kwargs(args, model, data, batch_size, config):
         batch_size=batch_size,
         microbatch=args.microbatch,
         lr=args.lr,
-        ema_rate=args.ema_rate,
+        ema_rate=ema_rates(args),
         log_interval=args.log_interval,
         save_interval=args.save_interval,
         resume_checkpoint=args.resume_checkpoint,
@@ -97,6 +114,17 @@ def phema_flags(args):
     if args.phema_snapshot_interval < 0:
         raise ValueError("--phema_snapshot_interval must be 0 (snapshots at checkpoints only) or a number of images")
     return dict(phema_std=stds, phema_snapshot_interval=args.phema_snapshot_interval)
+
+
+def ema_rates(args):
+    """--ema_rate: comma-separated rates in [0, 1)."""
+    try:
+        rates = [float(v) for v in str(args.ema_rate).split(",") if v.strip()]
+    except ValueError:
+        rates = None
+    if not rates or not all(0 <= r < 1 for r in rates):
+        raise ValueError(f"--ema_rate must be comma-separated rates in [0, 1), e.g. 0.999,0.9999; got {args.ema_rate!r}")
+    return ",".join(str(args.ema_rate).replace(" ", "").split(","))
 
 
 def optimizer_flags(args):

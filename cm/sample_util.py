@@ -85,6 +85,13 @@ def parse_int_list(text, flag):
         raise ValueError(f"--{flag} must be comma-separated integers, got {text!r}") from None
 
 
+def check_grid_indices(ts, steps):
+    """--ts: at least two strictly increasing indices of the --steps-point Karras grid."""
+    if len(ts) < 2 or any(not 0 <= t < steps for t in ts) or list(ts) != sorted(set(ts)):
+        raise ValueError(f"--ts must be two or more increasing grid indices in 0..{steps - 1} (--steps {steps}), "
+                         f"e.g. 0,{steps // 2},{steps - 1}; got {','.join(map(str, ts)) or 'none'}")
+
+
 def sampling_seeds(args):
     """The seeds of --seeds (distinct), or None: one batch at --seed."""
     seeds = parse_int_list(args.seeds, "seeds")
@@ -99,8 +106,8 @@ def check_sampling_args(args):
     if trigflow and args.sampler not in ("onestep", "multistep"):
         raise ValueError(f"--training_mode {args.training_mode} samples with --sampler onestep, or multistep at --t_mid")
     ts = parse_int_list(args.ts, "ts") if args.sampler == "multistep" and not trigflow else None
-    if ts is not None and len(ts) < 2:
-        raise ValueError("--sampler multistep needs --ts, e.g. --ts 0,22,39 with --steps 40")
+    if ts is not None:
+        check_grid_indices(ts, args.steps)
     class_labels = parse_int_list(args.class_labels, "class_labels") if args.class_labels else ()
     if class_labels and not args.class_cond:
         raise ValueError("--class_labels needs a class-conditional model (--class_cond True)")
@@ -183,10 +190,11 @@ def read_shards(shard_dir, settings):
     settings_path = os.path.join(shard_dir, "settings.json")
     if os.path.exists(settings_path):
         with open(settings_path) as f:
-            if json.load(f) != settings:
-                raise ValueError(
-                    f"{shard_dir} holds partial samples made with other settings; delete it or use another --log_dir"
-                )
+            saved = json.load(f)
+        if saved != settings:
+            changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+            raise ValueError(f"{shard_dir} holds partial samples made with other settings ({', '.join(changed)} "
+                             "differ: another model file or flags); delete it or use another --log_dir")
     images, labels, done = [], [], 0
     names = sorted(n for n in os.listdir(shard_dir) if SHARD.match(n)) if os.path.isdir(shard_dir) else []
     for name in names:
@@ -198,6 +206,14 @@ def read_shards(shard_dir, settings):
             labels.append(data["arr_1"] if "arr_1" in data else None)
         done += count
     return images, labels, done
+
+
+def check_finite_samples(sample):
+    """One clear error, on every rank, when any rank's samples hold inf/NaN (as uint8 they would be black)."""
+    bad = dist_util.all_reduce_mean((~torch.isfinite(sample)).any().float().reshape(1))
+    if bad.item() > 0:
+        raise ValueError("the model gives non-finite samples (inf/NaN), so nothing is saved: its weights are broken "
+                         "(a diverged run?) or its flags do not match it (--training_mode, --c_noise, --time_input)")
 
 
 def generate_samples(
@@ -256,6 +272,7 @@ def generate_samples(
         else:
             sample = karras_sample(diffusion, model, shape, steps=steps, model_kwargs=model_kwargs, device=device,
                                    sampler=sampler, generator=gen, ts=ts, **sample_kwargs)
+        check_finite_samples(sample)
         round_images = in_global_order(dist_util.all_gather(torch.from_numpy(to_uint8_nhwc(sample)).to(device)))
         round_labels = in_global_order(dist_util.all_gather(model_kwargs["y"])) if class_cond else None
         count = min(per_rank * world, num_samples - round_start)

@@ -128,6 +128,14 @@ def create_ema_and_scales_fn(
         )
     if scale_mode == "exponential" and not 1 <= start_scales <= end_scales:
         raise ValueError(f"scale_mode exponential needs 1 <= start_scales <= end_scales, got {start_scales} and {end_scales}")
+    if scale_mode == "progressive" and not 2 <= start_scales <= end_scales:
+        raise ValueError(
+            f"--scale_mode progressive needs 2 <= --start_scales <= --end_scales, got {start_scales} and {end_scales}"
+        )
+    if scale_mode == "fixed" and start_scales < 2:
+        raise ValueError(f"--scale_mode fixed needs --start_scales of at least 2, got {start_scales}")
+    if not 0 <= start_ema < 1:
+        raise ValueError(f"--start_ema must be in [0, 1), got {start_ema}")
 
     def ema_and_scales_fn(step):
         if scale_mode == "fixed":

@@ -133,6 +133,10 @@ def create_model(
     fourier_scale=0.02,
     double_norm=False,
 ):
+    mult = parse_channel_mult(channel_mult, image_size)
+    if image_size < 1 or image_size % 2 ** (len(mult) - 1):
+        raise ValueError(f"--image_size {image_size} cannot be halved {len(mult) - 1} times (--channel_mult "
+                         f"{','.join(map(str, mult))}); pass a multiple of {2 ** (len(mult) - 1)}")
     return UNetModel(
         image_size=image_size,
         in_channels=3,

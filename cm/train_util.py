@@ -28,6 +28,7 @@ from .checkpoints import CheckpointIO, load_model_weights, parse_resume_step_fro
 from .cli import NonFiniteLossError
 from .ema import EMASet
 from .phema import power_beta, std_to_exp
+from .run_folder import release_run_folder
 from .fast_paths import apply_fast_paths
 
 INITIAL_LOG_LOSS_SCALE = 20.0  # published: lg_loss_scale climbs to 20-21 within ~1K ImageNet steps
@@ -230,6 +231,7 @@ class TrainLoop:
             logger.log(f"resuming from {resume_path}")
             load_model_weights(model, resume_path, what="model checkpoint")
             self.step = self.resumed_step = parse_resume_step_from_filename(resume_path)
+        logger.continue_progress(self.step)
         dist_util.sync_params(model.parameters())  # every rank starts from rank 0's weights
         apply_fast_paths([model], **self.fast_paths)  # before any copy of the weights is made
         mode = "fp16" if use_fp16 else "bf16" if use_bf16 else "fp32"
@@ -308,6 +310,12 @@ class TrainLoop:
         return self.method.done(self.step, self.total_training_steps, self.lr_anneal_steps)
 
     def run_loop(self):
+        try:
+            self._run_loop()
+        finally:
+            release_run_folder(logger.get_dir())  # (a run started by run_setup.start_run holds it)
+
+    def _run_loop(self):
         last_saved = self.resumed_step
         bar = tqdm(
             total=self.total_training_steps or self.lr_anneal_steps or None,

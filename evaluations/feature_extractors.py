@@ -16,7 +16,6 @@ and, where it is a classifier, `logits(pool)` gives its class scores (Inception 
 """
 
 import contextlib
-import hashlib
 import os
 import pickle
 
@@ -24,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cm.checkpoints import state_dict_mismatch, weights_file
+from cm.checkpoints import file_sha256, state_dict_mismatch, weights_file
 
 from .dinov2 import VITL14, DinoVisionTransformer
 
@@ -88,14 +87,6 @@ def resize(x, size):
     if x.shape[-2:] == (size, size):
         return x
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class FeatureExtractor(nn.Module):

@@ -16,7 +16,7 @@ from cm.cli import add_dict_to_argparser, args_to_dict, run_cli
 from cm.config import parse_args_with_config
 from cm.diffusers_convert import read_weights
 from cm.methods import method_class, mode_flag_defaults
-from cm.run_setup import loop_kwargs, per_process_batch, start_run, training_data
+from cm.run_setup import check_training_flags, loop_kwargs, per_process_batch, start_run, training_data
 from cm.script_util import cm_train_defaults, create_model_and_diffusion, model_and_diffusion_defaults, train_defaults
 from cm.train_util import TrainLoop
 
@@ -24,15 +24,15 @@ from cm.train_util import TrainLoop
 def main(argv=None):
     args = parse_args_with_config(create_argparser(), argv, "cm_train.py", mode_defaults=mode_flag_defaults())
     method_cls = method_class(args.training_mode)
-    config = start_run(args)
-
     model_kwargs = args_to_dict(args, model_and_diffusion_defaults().keys())
     model_kwargs["distillation"] = method_cls.boundary_condition
+    denoiser_kwargs = dict(loss_norm=args.loss_norm, huber_c=None if args.huber_c < 0 else args.huber_c,
+                           lpips_vgg_path=args.lpips_vgg_path or None)
+    check_training_flags(args, method_cls, {**model_kwargs, **denoiser_kwargs})
+    config = start_run(args)
+
     logger.log("creating model and diffusion...")
-    model, diffusion = create_model_and_diffusion(
-        **model_kwargs, loss_norm=args.loss_norm, huber_c=None if args.huber_c < 0 else args.huber_c,
-        lpips_vgg_path=args.lpips_vgg_path or None,
-    )
+    model, diffusion = create_model_and_diffusion(**model_kwargs, **denoiser_kwargs)
     model.to(dist_util.dev()).train()
 
     batch_size = per_process_batch(args)

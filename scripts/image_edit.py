@@ -47,7 +47,14 @@ from cm.image_io import save_grid, save_npz, to_uint8_nhwc
 from cm.random_util import get_generator
 from cm.methods import parameterization
 from cm.trigflow import SigmaView
-from cm.sample_util import in_global_order, load_sampling_model, parse_int_list, round_sizes, sampling_argparser
+from cm.sample_util import (
+    check_grid_indices,
+    in_global_order,
+    load_sampling_model,
+    parse_int_list,
+    round_sizes,
+    sampling_argparser,
+)
 from cm.cli import run_cli
 
 TASKS = ("inpainting", "colorization", "superres", "interpolation")
@@ -73,10 +80,7 @@ def check_args(args):
     if args.steps < 2:
         raise ValueError(f"--steps must be at least 2, got {args.steps}")
     ts = parse_int_list(args.ts, "ts") if args.ts else default_ts(args.task, args.steps)
-    if len(ts) < 2:
-        raise ValueError(f"--ts needs at least two grid indices, e.g. 0,{args.steps - 1}; got {args.ts!r}")
-    if any(not 0 <= t <= args.steps - 1 for t in ts):
-        raise ValueError(f"--ts indices must lie in 0..{args.steps - 1} (--steps {args.steps}), got {args.ts}")
+    check_grid_indices(ts, args.steps)
     if args.task == "superres" and (args.patch_size < 1 or args.image_size % args.patch_size):
         raise ValueError(
             f"--patch_size {args.patch_size} does not divide --image_size {args.image_size}; "

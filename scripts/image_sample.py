@@ -9,6 +9,7 @@ and --log_dir, continues from its last finished round; the result equals an unin
 import os
 
 from cm import dist_util, logger
+from cm.checkpoints import file_sha256
 from cm.config import parse_args_with_config
 from cm.image_io import save_grid, save_npz
 from cm.sample_util import (
@@ -33,11 +34,13 @@ def main(argv=None):
     logger.configure(args.log_dir or None)
     seeds = sampling_seeds(args)
     model, diffusion = load_sampling_model(args)
+    # partial rounds are kept for the model's contents, not its path (a replaced file starts over)
+    model_hash = file_sha256(args.model_path) if args.model_path and dist_util.get_rank() == 0 else ""
 
     for seed in seeds or [args.seed]:
         out_dir = os.path.join(logger.get_dir(), f"seed_{seed}") if seeds else logger.get_dir()
         shard_dir = os.path.join(out_dir, "samples_partial")
-        settings = {k: str(getattr(args, k)) for k in SAMPLE_SETTINGS} | {"seed": str(seed)}
+        settings = {k: str(getattr(args, k)) for k in SAMPLE_SETTINGS} | {"seed": str(seed), "model_sha256": model_hash}
         images, labels = generate_samples(
             diffusion, model, num_samples=args.num_samples, batch_size=args.batch_size, image_size=args.image_size,
             sampler=args.sampler, steps=args.steps, ts=ts, generator=args.generator, seed=seed,

@@ -11,7 +11,7 @@ from test_scripts import ROOT
 # lowest first; a module may import modules of its own layer or of layers before it
 LAYERS = [
     ("foundation", {"atomic", "cli", "config", "dist_util", "logger", "nn", "random_util", "precision", "fast_paths", "image_io",
-                    "plots"}),
+                    "plots", "run_folder"}),
     ("networks and numerics", {"unet", "schedule", "denoiser", "trigflow", "jvp", "ema", "phema", "checkpoints", "image_datasets"}),
     ("losses and samplers", {"lpips", "losses", "samplers", "editing"}),
     ("training methods", {"methods"}),

@@ -135,6 +135,10 @@ def test_sigkill_then_resume_continues_exactly(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resuming from" in result.stdout
     assert_same(state(whole, 15), state(killed, 15))
+    assert not (killed / "model000015.tmp999.pt").exists()  # the killed save's temporary file is removed
+    lines = (killed / "progress.csv").read_text().splitlines()  # one header, each logged step once
+    step = lines[0].split(",").index("step")
+    assert [float(line.split(",")[step]) for line in lines[1:]] == [5, 10, 15]
     # the power-function EMAs' snapshots (every 3 steps) and checkpoint files (every 5), before and after the kill
     snapshots = sorted(f.name for f in whole.glob("phema_*.pt"))
     assert snapshots == sorted(f.name for f in killed.glob("phema_*.pt"))
@@ -235,7 +239,7 @@ def test_clear_errors(tmp_path, edm_teacher, monkeypatch, capsys):
     cases = [
         ("--training_mode consistency_distillation", "--teacher_model_path"),
         ("--training_mode consistency_distillation --teacher_model_path " + str(tmp_path / "none.pt"), "not found"),
-        ("--data_dir " + str(tmp_path / "missing"), "missing"),
+        (CT + " --data_dir " + str(tmp_path / "missing"), "missing"),
     ]
     for extra, message in cases:
         result = run_in_process("cm_train", [*shlex.split(TRAIN + " " + extra), "--log_dir", str(tmp_path / "x")], monkeypatch, capsys)

@@ -30,6 +30,7 @@ class TrainingMethod:
     parameterization = "karras"  # its models' time variable: "karras" (sigma, cm.denoiser) or "trigflow" (t, cm.trigflow)
     flag_defaults = {}  # flag values it brings (a --config preset and the command line override them)
     boundary_condition = True  # trains with the consistency scalings f(x, sigma_min) = x (CM paper, eq. 3)
+    trains_without_end = False  # --total_training_steps 0 runs until stopped (EDM, as published)
     samples_with_boundary_condition = True  # its models sample with them
     needs_teacher = False  # requires --teacher_model_path (an EDM checkpoint)
 
@@ -38,6 +39,9 @@ class TrainingMethod:
         """One clear error for flags the method cannot run with (before anything is built)."""
         if cls.needs_teacher and not getattr(args, "teacher_model_path", ""):
             raise ValueError(f"--training_mode {cls.name} needs --teacher_model_path (an EDM checkpoint)")
+        if not cls.trains_without_end and getattr(args, "total_training_steps", 1) < 1:
+            raise ValueError(f"--total_training_steps must be at least 1 for --training_mode {cls.name}, got "
+                             f"{args.total_training_steps}")
 
     def __init__(self, args, diffusion):
         self.check_flags(args)

@@ -22,6 +22,7 @@ class EDM(TrainingMethod):
     name = "edm"
     boundary_condition = False
     samples_with_boundary_condition = False
+    trains_without_end = True
 
     def __init__(self, args, diffusion):
         super().__init__(args, diffusion)

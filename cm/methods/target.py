@@ -20,9 +20,14 @@ from .base import TrainingMethod, start_from_teacher
 class TargetNetworkMethod(TrainingMethod):
     runs_teacher = False  # the loss evaluates the teacher network (CD, progdist); others only start from it
 
-    def __init__(self, args, diffusion):
-        super().__init__(args, diffusion)
-        self.ema_scale_fn = create_ema_and_scales_fn(
+    @classmethod
+    def check_flags(cls, args):
+        super().check_flags(args)
+        cls.curriculum(args)  # one clear error for a target EMA or N(k) schedule that cannot run
+
+    @staticmethod
+    def curriculum(args):
+        return create_ema_and_scales_fn(
             target_ema_mode=args.target_ema_mode,
             start_ema=args.start_ema,
             scale_mode=args.scale_mode,
@@ -31,6 +36,10 @@ class TargetNetworkMethod(TrainingMethod):
             total_steps=args.total_training_steps,
             distill_steps_per_iter=args.distill_steps_per_iter,
         )
+
+    def __init__(self, args, diffusion):
+        super().__init__(args, diffusion)
+        self.ema_scale_fn = self.curriculum(args)
         self.use_fp16 = args.use_fp16
         self.target_model = self.teacher_model = self.teacher_diffusion = None
 

@@ -1,0 +1,114 @@
+"""A run folder is one run's: its lock, what resuming may overwrite, the progress log after a resume
+(the SIGKILL cases are in tests/test_training.py)."""
+
+import os
+import shlex
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from cm.run_folder import LOCK_NAME, remove_stale_temporaries
+
+from test_scripts import TINY_FLAGS, load_script
+from test_training import TRAIN, run_in_process, train
+
+CT = "--training_mode consistency_training --start_scales 4 --end_scales 8 --loss_norm l2"
+
+
+def cm_train(log_dir, monkeypatch, capsys, extra=""):
+    argv = [*shlex.split(TRAIN + " " + CT + " --total_training_steps 2 --save_interval 2 " + extra), "--log_dir", str(log_dir)]
+    return run_in_process("cm_train", argv, monkeypatch, capsys)
+
+
+def test_a_folder_in_use_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (folder / LOCK_NAME).write_text(f"{socket.gethostname()} {holder.pid}")
+        result = cm_train(folder, monkeypatch, capsys)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert f"in use by process {holder.pid}" in result.stderr and "--log_dir" in result.stderr
+        assert sorted(os.listdir(folder)) == [LOCK_NAME]  # nothing written: no config.json, no log
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone (as a SIGKILL leaves it): the next run takes the folder over
+    train("cm_train", TRAIN + " " + CT + " --total_training_steps 2 --save_interval 2", folder)
+    assert (folder / "model000002.pt").exists() and not (folder / LOCK_NAME).exists()  # released at exit
+
+
+def test_resuming_never_overwrites_checkpoints_of_another_history(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    train("cm_train", TRAIN + " " + CT + " --total_training_steps 4 --save_interval 2", run)
+    before = {f: os.path.getmtime(run / f) for f in os.listdir(run) if f.endswith(".pt")}
+    for given, message in ((run / "ema_0.9_000004.pt", "starts a new run at step 0"), (run / "model000002.pt", "is at step 2")):
+        result = cm_train(run, monkeypatch, capsys, f"--resume_checkpoint {given}")
+        assert result.returncode == 1 and message in result.stderr and "model000004.pt" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert {f: os.path.getmtime(run / f) for f in os.listdir(run) if f.endswith(".pt")} == before
+    # an EMA file is a fine starting point for a new run in a new folder
+    train("cm_train", TRAIN + " " + CT + f" --total_training_steps 2 --save_interval 2 --resume_checkpoint {run / 'ema_0.9_000004.pt'}",
+          tmp_path / "finetune")
+    assert (tmp_path / "finetune" / "model000002.pt").exists()
+
+
+def test_temporaries_of_other_processes_are_removed(tmp_path):
+    for name in ("model000015.tmp999.pt", "config.tmp12.json", f"ema.tmp{os.getpid()}.pt", "model000015.pt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert remove_stale_temporaries(str(tmp_path)) == ["config.tmp12.json", "model000015.tmp999.pt"]
+    assert sorted(os.listdir(tmp_path)) == [f"ema.tmp{os.getpid()}.pt", "model000015.pt"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("--ema_rate 1.5", "--ema_rate must be comma-separated rates in [0, 1)"),
+    ("--ema_rate abc", "--ema_rate must be comma-separated rates in [0, 1)"),
+    ("--start_ema 1.5 --target_ema_mode fixed", "--start_ema must be in [0, 1)"),
+    ("--sigma_min 5 --sigma_max 1", "--sigma_min must be positive and below --sigma_max"),
+    ("--scale_mode progressive --target_ema_mode adaptive --start_scales 40 --end_scales 2", "--start_scales <= --end_scales"),
+    ("--total_training_steps 0", "--total_training_steps must be at least 1"),
+    ("--image_size 17", "--image_size 17 cannot be halved 1 times"),
+])
+def test_nonsense_training_flags_are_refused_before_the_folder_is_touched(extra, message, tmp_path, monkeypatch, capsys):
+    result = cm_train(tmp_path / "run", monkeypatch, capsys, extra)
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("--sampler multistep --steps 40 --ts 0,30,20,39", "--ts must be two or more increasing grid indices in 0..39"),
+    ("--sampler multistep --steps 40 --ts 0,3,3", "--ts must be two or more increasing"),
+    ("--sampler multistep --steps 40 --ts 0,40", "--ts must be two or more increasing"),
+    ("--training_mode nonsense --sampler onestep", "unknown --training_mode nonsense"),
+])
+def test_nonsense_sampling_flags_get_one_line(extra, message, tmp_path, monkeypatch, capsys):
+    argv = [*shlex.split(TINY_FLAGS + " --training_mode consistency_training " + extra), "--log_dir", str(tmp_path)]
+    result = run_in_process("image_sample", argv, monkeypatch, capsys)
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_resumed_sampling_checks_the_models_contents_and_nan_weights_are_refused(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from cm.script_util import create_model_and_diffusion
+
+    from conftest import randomize, tiny_config
+
+    sample = load_script("image_sample")
+    model, _ = create_model_and_diffusion(**tiny_config())
+    path = tmp_path / "model.pt"
+    torch.save(randomize(model).state_dict(), path)
+    argv = [*shlex.split(TINY_FLAGS + " --training_mode consistency_training --sampler onestep --num_samples 4 "
+                         "--batch_size 2"), "--model_path", str(path), "--log_dir", str(tmp_path / "s")]
+    monkeypatch.setattr(sample, "finish_shards", lambda shard_dir: None)  # as if killed after its last round
+    sample.main(argv)
+    torch.save(randomize(model, seed=1).state_dict(), path)  # another model under the same path
+    result = run_in_process("image_sample", argv, monkeypatch, capsys)
+    assert result.returncode == 1 and "model_sha256 differ" in result.stderr, result.stderr
+    broken = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save(broken, path)
+    result = run_in_process("image_sample", argv[:-1] + [str(tmp_path / "nan")], monkeypatch, capsys)
+    assert result.returncode == 1 and "non-finite samples" in result.stderr and "Traceback" not in result.stderr
+    assert not list((tmp_path / "nan").glob("*.npz"))
