@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import zipfile
 
 import torch
 
@@ -94,10 +95,7 @@ def state_dict_mismatch(model, state_dict, limit=10):
 def read_model_state(path):
     """The model state dict in file `path` (a plain state dict, or one under "model"); an unreadable
     file raises one error saying so."""
-    try:
-        state_dict = dist_util.load_state_dict(path, map_location="cpu")
-    except (RuntimeError, EOFError, ValueError) as err:
-        raise ValueError(f"cannot read checkpoint {path} (truncated or not a PyTorch state dict): {err}") from err
+    state_dict = dist_util.load_state_dict(path, map_location="cpu")
     if isinstance(state_dict, dict) and "model" in state_dict and isinstance(state_dict["model"], dict):
         state_dict = state_dict["model"]
     return state_dict
@@ -132,11 +130,19 @@ class CheckpointIO:
         self.names = names
 
     def newest(self):
-        """The model file of the newest complete checkpoint in the folder, or None."""
+        """The model file of the newest complete checkpoint in the folder, or None. A checkpoint with a
+        file missing or cut short (no zip directory at its end: torch.save's files are zip archives) is
+        passed over, with a line in the log."""
         steps = sorted((parse_resume_step_from_filename(f) for f in self._model_files()), reverse=True)
         for step in steps:
-            if all(os.path.exists(os.path.join(self.folder, n)) for n in self.names(step)):
-                return os.path.join(self.folder, f"model{step:06d}.pt")
+            paths = [os.path.join(self.folder, n) for n in self.names(step)]
+            if not all(os.path.exists(p) for p in paths):
+                continue
+            broken = [p for p in paths if not zipfile.is_zipfile(p)]
+            if broken:
+                logger.log(f"passing over checkpoint {step:06d}: {broken[0]} is truncated or not a checkpoint")
+                continue
+            return paths[-1]
         return None
 
     def resume_path(self, given=""):

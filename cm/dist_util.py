@@ -6,6 +6,7 @@ the same helpers whatever the launch.
 
 import io
 import os
+import pickle
 import socket
 
 import torch
@@ -141,7 +142,15 @@ def load_state_dict(path, map_location="cpu"):
         holder = [_read_bytes(path) if get_rank() == 0 else None]
         dist.broadcast_object_list(holder, src=0)
         data = holder[0]
-    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path} holds pickled objects other than tensors and plain containers, which are never run here; "
+            "re-save its weights as a plain state dict (torch.save(model.state_dict(), path))"
+        ) from err
+    except (RuntimeError, EOFError, KeyError, ValueError) as err:
+        raise ValueError(f"cannot read checkpoint {path}: truncated, or not a file written by torch.save") from err
 
 
 def _read_bytes(path):

@@ -222,6 +222,7 @@ class TrainLoop:
         self.step = 0
         self.batches_consumed = 0
         self.first_bad_step = None  # device tensor: the first step whose loss was not finite
+        self.last_inputs = None  # the last step's first microbatch: what a checkpoint's weights are checked on
         self.means = DeviceMeans()
         self.checkpoints = CheckpointIO(logger.get_dir(), self.checkpoint_names)
 
@@ -339,7 +340,7 @@ class TrainLoop:
                 self.save()
                 last_saved = self.step
             elif took and self._phema_snapshot_due():
-                self._check_finite()
+                self._check_before_saving()
                 self.checkpoints.save(self.step, self.phema_files(self.step))
         bar.close()
         if last_saved != self.step:
@@ -353,6 +354,8 @@ class TrainLoop:
         random_rows = self.method.draw(rand, batch, self.step)
         self.precision.zero_grad()
         n = batch.shape[0]
+        first = slice(0, min(self.microbatch, n))
+        self.last_inputs = (batch[first], {k: v[first] for k, v in cond.items()}, {k: v[first] for k, v in random_rows.items()})
         for i in range(0, n, self.microbatch):
             j = min(i + self.microbatch, n)
             micro_cond = {k: v[i:j] for k, v in cond.items()}
@@ -391,6 +394,24 @@ class TrainLoop:
             raise NonFiniteLossError(
                 f"loss became inf/NaN at step {self.first_bad_step.item()}; lower --lr, or try --use_fp16 "
                 "(which skips such steps); the last checkpoint is from before it"
+            )
+
+    def _check_before_saving(self):
+        """Refuse to save weights that break the model. A finite loss at the last step says nothing of the
+        update taken after it, which can carry the weights to where the forward pass is inf/NaN: so the
+        weights about to be saved are run once more (no gradient, the RNG forked so the run's random stream
+        is untouched) on the last step's first microbatch, with the same noise."""
+        self._check_finite()
+        if self.precision.mode == "fp16" or self.last_inputs is None:
+            return  # fp16 skips the steps whose gradients overflow instead
+        batch, cond, random_rows = self.last_inputs
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            with torch.no_grad(), self.precision.autocast(self.device):
+                loss = self.method.losses(self.model, batch, cond, random_rows, self.step)["loss"].float().mean()
+        if dist_util.all_reduce_mean((~torch.isfinite(loss)).float()).item() > 0:  # every rank stops, or none
+            raise NonFiniteLossError(
+                f"the update of step {self.step} made the loss inf/NaN, so its checkpoint was not saved and the "
+                "last checkpoint is from before it; lower --lr, or try --use_fp16 (which skips such steps)"
             )
 
     def current_lr(self):
@@ -456,7 +477,7 @@ class TrainLoop:
     def save(self):
         """Write every file of the checkpoint at this step, each atomically, the model file last:
         a model file present means its checkpoint is complete."""
-        self._check_finite()
+        self._check_before_saving()
         step = self.step
         files = {f"ema_{rate}_{step:06d}.pt": self.params_state_dict(p) for rate, p in zip(self.ema_rate, self.ema.params)}
         files.update(self.phema_files(step))

@@ -6,6 +6,7 @@ import shlex
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -112,3 +113,50 @@ def test_resumed_sampling_checks_the_models_contents_and_nan_weights_are_refused
     result = run_in_process("image_sample", argv[:-1] + [str(tmp_path / "nan")], monkeypatch, capsys)
     assert result.returncode == 1 and "non-finite samples" in result.stderr and "Traceback" not in result.stderr
     assert not list((tmp_path / "nan").glob("*.npz"))
+
+
+def test_a_diverging_update_is_never_saved(tmp_path, monkeypatch, capsys):
+    """lr 10: some step's loss is finite but its update breaks the weights; that checkpoint must not exist."""
+    import torch
+
+    from cm.script_util import create_model_and_diffusion
+
+    from conftest import tiny_config
+
+    run = tmp_path / "run"
+    result = cm_train(run, monkeypatch, capsys, "--lr 10 --total_training_steps 40 --save_interval 1")
+    assert result.returncode == 1 and "inf/NaN" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    model, _ = create_model_and_diffusion(**tiny_config())
+    x, y = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.arange(4)
+    saved = sorted(run.glob("model*.pt"))
+    assert saved
+    for path in saved:
+        model.load_state_dict(torch.load(path, weights_only=True))
+        with torch.no_grad():
+            assert torch.isfinite(model(x, torch.full((4,), 0.5), y=y)).all(), path.name
+
+
+def test_a_truncated_newest_checkpoint_is_passed_over(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    train("cm_train", TRAIN + " " + CT + " --total_training_steps 4 --save_interval 2", run)
+    for name in ("opt000004.pt", "model000004.pt"):
+        data = (run / name).read_bytes()
+        (run / name).write_bytes(data[: len(data) // 2])
+        train("cm_train", TRAIN + " " + CT + " --total_training_steps 3 --save_interval 3", run)
+        log = (run / "log.txt").read_text()
+        assert f"passing over checkpoint 000004: {run / name} is truncated" in log and "resuming from " + str(run / "model000002.pt") in log
+        (run / "model000003.pt").unlink()
+        (run / name).write_bytes(data)
+    (run / "model000004.pt").write_bytes(data[: len(data) // 2])
+    result = cm_train(tmp_path / "other", monkeypatch, capsys, f"--resume_checkpoint {run / 'model000004.pt'}")
+    assert result.returncode == 1 and "cannot read checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_pickled_program_is_refused_without_advising_to_run_it(tmp_path, monkeypatch, capsys):
+    import torch
+
+    path = tmp_path / "model000000.pt"
+    torch.save({"weights": SimpleNamespace(x=1)}, path)
+    result = cm_train(tmp_path / "run", monkeypatch, capsys, f"--resume_checkpoint {path}")
+    assert result.returncode == 1 and "pickled objects" in result.stderr, result.stderr
+    assert "weights_only=False" not in result.stderr and "Traceback" not in result.stderr
