@@ -180,11 +180,21 @@ class CheckpointIO:
 
     def save(self, step, files):
         """Write {file name: object} on rank 0, each atomically and in order (the model file last)."""
+        failure = ""
         if dist_util.get_rank() == 0:
             for name, obj in files.items():
-                atomic_save(obj, os.path.join(self.folder, name))
-            logger.log(f"saved checkpoint {step:06d} in {self.folder}")
-        dist_util.barrier()
+                path = os.path.join(self.folder, name)
+                try:
+                    atomic_save(obj, path)
+                except (OSError, RuntimeError) as err:  # a full disk, a folder made read-only (torch.save's writer: RuntimeError)
+                    failure = f"could not write {path} ({getattr(err, 'strerror', None) or str(err).splitlines()[0]})"
+                    break
+            else:
+                logger.log(f"saved checkpoint {step:06d} in {self.folder}")
+        failed = dist_util.broadcast_from_rank0(torch.tensor([float(bool(failure))], device=dist_util.dev())).item()
+        if failed:  # every rank stops; the model file, written last, is not there
+            raise ValueError(f"{failure or 'rank 0 could not write a file'}, so checkpoint {step:06d} is incomplete and "
+                             "will be passed over; make room and rerun: the run resumes from its last complete checkpoint")
 
 
 def weights_file(what, given, flag, file_names, urls, hash_prefix=None):

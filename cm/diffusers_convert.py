@@ -336,7 +336,10 @@ def load_folder(folder):
     unet_dir = os.path.join(folder, "unet") if os.path.isdir(os.path.join(folder, "unet")) else folder
     config_path = os.path.join(unet_dir, "config.json")
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{folder} is not a diffusers pipeline or UNet2DModel folder (no unet/config.json)")
+        weights = sorted(n for n in os.listdir(folder) if n.endswith(".pt"))
+        hint = f" (this one holds {weights[-1]}, for example)" if weights else ""
+        raise FileNotFoundError(f"{folder} is a folder but not a diffusers pipeline or UNet2DModel folder (no "
+                                f"unet/config.json); pass a .pt model file{hint} or a diffusers folder")
     with open(config_path) as f:
         config = json.load(f)
     names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")

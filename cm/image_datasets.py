@@ -44,6 +44,7 @@ def load_data(
     rank=None,
     world_size=None,
     num_workers=None,
+    num_classes=None,
 ):
     """An endless iterator of this process's `(images, cond)` batches of `batch_size`.
 
@@ -55,12 +56,15 @@ def load_data(
     :param seed: epoch e shuffles and augments with a generator seeded `seed + e`.
     :param rank, world_size: this process's place (default: from dist_util).
     :param num_workers: DataLoader worker processes (default: 1 for image files, 0 for in-memory arrays).
+    :param num_classes: with class_cond, the labels are checked to lie in 0..num_classes-1 when the data are opened.
     """
     if not data_dir:
         raise ValueError("no training data given: pass --data_dir an image folder, a .npz file, or 'digits'")
     rank = dist_util.get_rank() if rank is None else rank
     world_size = dist_util.get_world_size() if world_size is None else world_size
     dataset = open_dataset(data_dir, image_size, class_cond, random_crop, random_flip)
+    if class_cond and num_classes is not None:
+        check_labels(dataset.labels, num_classes, data_dir)
     sampler = GlobalBatchSampler(len(dataset), batch_size, rank, world_size, seed, shuffle=not deterministic)
     if num_workers is None:
         num_workers = 1 if isinstance(dataset, ImageFileDataset) else 0
@@ -131,6 +135,17 @@ def open_dataset(data_dir, image_size, class_cond=False, random_crop=False, rand
 # ----- sources -----
 
 
+def check_labels(labels, num_classes, source):
+    """Labels in 0..num_classes-1, or one ValueError naming the range found and the fix."""
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"{source} has labels {low}..{high} ({len(np.unique(labels))} classes), outside 0..{num_classes - 1} of "
+            f"--num_classes {num_classes}; pass --num_classes {high + 1} if they are right"
+            + (", or relabel them from 0" if low < 0 else "")
+        )
+
+
 def list_image_files(data_dir):
     """Image files under data_dir, recursively, each folder in sorted order (as published)."""
     paths = []
@@ -169,6 +184,15 @@ def labels_from_file_names(paths):
 
 def load_npz(path):
     """(images, labels or None) of a sample batch or downsampled-ImageNet `.npz`; see NPZ_LAYOUTS."""
+    try:
+        return _load_npz(path)
+    except ValueError as err:
+        if "allow_pickle" not in str(err):
+            raise
+        _bad_npz(path, "it holds pickled Python objects, which are never loaded")
+
+
+def _load_npz(path):
     with bf.BlobFile(path, "rb") as f, np.load(f, allow_pickle=False) as npz:
         if "arr_0" in npz:
             images = npz["arr_0"]
@@ -302,7 +326,48 @@ class ImageFileDataset(AugmentedDataset):
                 image.load()
         except (OSError, SyntaxError, ValueError) as err:
             return UnreadableImage(f"cannot read image {path} ({err}); delete or replace the file")
+        try:
+            return to_rgb8(image)
+        except ValueError as err:
+            return UnreadableImage(f"cannot read image {path}: {err}; convert it to 8-bit RGB")
+
+
+PLAIN_MODES = ("1", "L", "P", "RGB", "CMYK", "YCbCr", "HSV")  # PIL's own conversion to RGB is what they mean
+ALPHA_MODES = ("LA", "PA", "RGBA")
+WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit gray (a 32-bit "I" image on the same scale)
+
+
+def to_rgb8(image):
+    """The 8-bit RGB image a PIL image of any mode means, or ValueError naming the mode. PIL's
+    convert("RGB") alone clips 16-bit gray to white, turns float gray in [0, 1] black, keeps LAB's numbers
+    as if RGB and drops alpha; here wide gray is scaled (65535 -> 255, float 1.0 -> 255), LAB goes through
+    a colour transform, and transparent pixels are composited over white."""
+    mode = image.mode
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in PLAIN_MODES:
         return image.convert("RGB")
+    if mode in ALPHA_MODES:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float64)
+        alpha = rgba[..., 3:] / 255
+        return _rgb_image(rgba[..., :3] * alpha + 255 * (1 - alpha))
+    if mode in WIDE_GRAY_MODES or mode == "F":
+        gray = np.asarray(image, dtype=np.float64)
+        top = 1.0 if mode == "F" else 65535.0
+        if not np.isfinite(gray).all() or gray.min() < 0 or gray.max() > top:
+            raise ValueError(f"its {mode} gray values span {gray.min():g}..{gray.max():g}, outside 0..{top:g}")
+        return _rgb_image(np.repeat(gray[..., None] * (255 / top), 3, axis=-1))
+    if mode == "LAB":
+        from PIL import ImageCms
+
+        lab, srgb = ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB")
+        return ImageCms.applyTransform(image, ImageCms.buildTransform(lab, srgb, "LAB", "RGB"))
+    known = ", ".join(PLAIN_MODES + ALPHA_MODES + WIDE_GRAY_MODES + ("F", "LAB"))
+    raise ValueError(f"PIL mode {mode} is not read (modes read: {known})")
+
+
+def _rgb_image(values):
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "RGB")
 
 
 class ArrayDataset(AugmentedDataset):

@@ -77,12 +77,20 @@ def release_run_folder(folder):
 def lock_run_folder(folder):
     """Take `folder`'s lock on rank 0; every rank raises RunFolderInUse if another live run holds it."""
     holder = None
+    unwritable = None
     if dist_util.get_rank() == 0:
-        os.makedirs(folder, exist_ok=True)
-        taken = _take(os.path.join(folder, LOCK_NAME))
-        holder = None if taken is True else taken
-    refused = dist_util.broadcast_from_rank0(torch.tensor([0.0 if holder is None else 1.0], device=dist_util.dev()))
-    if refused.item():
+        try:
+            os.makedirs(folder, exist_ok=True)
+            taken = _take(os.path.join(folder, LOCK_NAME))
+            holder = None if taken is True else taken
+        except OSError as err:  # a read-only or foreign folder
+            unwritable = err.strerror or str(err)
+    code = 2.0 if unwritable else 0.0 if holder is None else 1.0
+    refused = dist_util.broadcast_from_rank0(torch.tensor([code], device=dist_util.dev())).item()
+    if refused == 2.0:
+        raise ValueError(f"cannot write to the run folder {folder} ({unwritable or 'on rank 0'}); "
+                         "pass a --log_dir you can write to")
+    if refused:
         where = f"process {holder[1]} on {holder[0]}" if holder else "another run"
         raise RunFolderInUse(
             f"the run folder {folder} is in use by {where}; wait for it to finish or stop it, or pass another "

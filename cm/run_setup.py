@@ -7,6 +7,7 @@ import torch
 
 from . import dist_util, logger
 from .atomic import atomic_write_text
+from .checkpoints import MODEL_FILE
 from .image_datasets import load_data
 from .phema import std_to_exp
 from .precision import resolve_precision_args
@@ -25,19 +26,59 @@ def check_training_flags(args, method_cls, model_kwargs):
     phema_flags(args)
 
 
+# flags whose change makes a resumed run a different run: the batch, the seed, the method, the network
+RUN_DEFINING_FLAGS = (
+    "global_batch_size", "batch_size", "seed", "training_mode", "image_size", "num_channels", "num_res_blocks",
+    "channel_mult", "attention_resolutions", "num_heads", "num_heads_upsample", "num_head_channels", "class_cond",
+    "num_classes", "use_scale_shift_norm", "resblock_updown", "learn_sigma", "time_embed", "fourier_scale",
+    "double_norm", "c_noise", "time_input",
+)
+# flags that say where and how a run is watched, not what it computes: changed without a word
+UNREPORTED_FLAGS = ("log_dir", "progress", "resume_checkpoint", "allow_config_change", "precision_reason", "device")
+
+
+def previous_config(folder):
+    """The config.json of a run that has checkpoints in `folder` (one it will resume), or None."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path) or not any(MODEL_FILE.match(f) for f in os.listdir(folder)):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def check_config_change(previous, config, allowed):
+    """Compare a resumed run's flags with those it was started with: a change of RUN_DEFINING_FLAGS is refused
+    in one line unless `allowed` (--allow_config_change); every change is written to the run's log."""
+    changed = {k: (previous[k], v) for k, v in config.items()
+               if k in previous and k not in UNREPORTED_FLAGS and str(previous[k]) != str(v)}
+    defining = [k for k in changed if k in RUN_DEFINING_FLAGS]
+    if defining and not allowed:
+        what = ", ".join(f"--{k} {changed[k][0]} -> {changed[k][1]}" for k in defining)
+        raise ValueError(f"the run in this --log_dir was started with other flags ({what}), which would make the resumed "
+                         "run a different one; pass them as before, another --log_dir, or --allow_config_change True")
+    for key, (old, new) in changed.items():
+        logger.log(f"config change on resume: --{key} {old} -> {new}")
+
+
 def start_run(args):
     """Join the process group, open the run folder, choose the precision (cm.precision), seed every
-    rank alike (identical initial weights), print the resolved config and save it as config.json;
-    returns the config dict."""
+    rank alike (identical initial weights), print the resolved config and save it as config.json
+    (a resumed run's changes checked and logged first); returns the config dict."""
     dist_util.setup_dist(device=args.device or None, gpus_per_node=args.gpus_per_node or None)
     folder = logger.run_dir(args.log_dir or None)
     lock_run_folder(folder)  # before anything is written there
+    previous = previous_config(folder)  # (read by every rank before rank 0 writes the new one below)
     logger.configure(folder)
     for name in remove_stale_temporaries(folder):
         logger.log(f"removed {name}, left by a save that did not finish")
     resolve_precision_args(args, dist_util.dev(), log=logger.log)
     torch.manual_seed(args.seed)
     config = dict(vars(args))
+    if previous is not None:
+        check_config_change(previous, config, args.allow_config_change)
     logger.log("config: " + json.dumps(config, sort_keys=True, default=str))
     if dist_util.get_rank() == 0:
         text = json.dumps(config, indent=2, sort_keys=True, default=str)
@@ -67,6 +108,7 @@ def training_data(args, batch_size):
         class_cond=args.class_cond,
         random_flip=args.random_flip,
         seed=args.seed,
+        num_classes=args.num_classes,
     )
 
 

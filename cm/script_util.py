@@ -257,6 +257,7 @@ def train_defaults():
         log_interval=10,  # steps between log lines
         save_interval=10000,  # steps between checkpoints
         resume_checkpoint="",  # modelNNNNNN.pt to resume from (default: the newest complete one in the log folder)
+        allow_config_change=False,  # resume although the batch, seed, method or network flags differ from the run's
         use_fp16=False,
         precision="auto",  # auto | fp32 | bf16 | fp16; auto: bf16 where the device runs it natively (cm.precision)
         fp16_scale_growth=1e-3,  # growth of log2(loss scale) per successful fp16 step

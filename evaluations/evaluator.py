@@ -272,7 +272,11 @@ class NpzImageReader:
             streamable = not fortran_order and not self.dtype.hasobject
         if not streamable:  # an unusual layout: read it whole
             with np.load(path, allow_pickle=False) as npz:
-                self._array = npz[name]
+                try:
+                    self._array = npz[name]
+                except ValueError:  # numpy's "Object arrays cannot be loaded when allow_pickle=False"
+                    raise ValueError(f"{path}: {name} holds pickled Python objects, which are never loaded; "
+                                     f"expected {NPZ_IMAGES}") from None
             self.shape, self.dtype = self._array.shape, self._array.dtype
         if self.dtype != np.uint8 or len(self.shape) != 4 or self.shape[-1] != 3 or self.shape[0] == 0:
             self.close()
@@ -480,6 +484,7 @@ class Evaluator:
         (ref_pool, _), (ref_stats, ref_stats_spatial) = reference
         sample_stats, sample_stats_spatial = sample_stats
         has_spatial = sample_stats_spatial is not None and ref_stats_spatial is not None
+        warn_singular_covariance(len(ref_pool), len(sample_acts[0]), ref_pool.shape[1])
         precision, recall = self.compute_prec_recall(ref_pool, sample_acts[0])
         metrics = {
             "inception_score": (
@@ -493,6 +498,16 @@ class Evaluator:
         if self.extractor.predicts_labels and labels is not None:
             metrics["class_accuracy"] = self.compute_class_accuracy(sample_acts[0], labels)
         return metrics
+
+
+def warn_singular_covariance(num_reference, num_samples, dim):
+    """A warning where a set has no more images than the features have dimensions: its covariance is then
+    singular, and the Fréchet distance, though still computed, is biased and unstable."""
+    for what, n in (("reference", num_reference), ("sample", num_samples)):
+        if n <= dim:
+            warnings.warn(f"the {what} set has {n} images, not more than the {dim} feature dimensions: its covariance "
+                          f"is singular, so the FID is biased and unstable; use more than {dim} images (the published "
+                          "FID: 50,000 samples)", stacklevel=3)
 
 
 def repeat_summary(runs):

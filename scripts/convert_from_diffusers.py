@@ -13,6 +13,7 @@ needs a connection; offline, download it elsewhere and pass the folder.
 import argparse
 import json
 import os
+import re
 
 from cm import logger
 from cm.atomic import atomic_write_text
@@ -22,19 +23,24 @@ from cm.diffusers_convert import load_folder
 from cm.script_util import create_model_and_diffusion
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name; ./x, /x, ~/x and a/b/c are paths
+
+
 def local_folder(path):
     """`path` if it is a folder, else a Hub repository id downloaded to the local cache."""
     if os.path.isdir(path):
         return path
-    if os.path.exists(path) or path.count("/") != 1:
-        raise FileNotFoundError(f"--diffusers_path {path} is neither a diffusers folder nor a Hub repository id")
+    if os.path.exists(path) or not HUB_ID.fullmatch(path):
+        raise FileNotFoundError(f"--diffusers_path {path}: no such folder (expected a diffusers pipeline or UNet2DModel "
+                                "folder, or a Hub repository id owner/name)")
     try:
         from huggingface_hub import snapshot_download
 
         return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
     except Exception as err:  # offline, unknown repository, missing package: one line either way
         raise FileNotFoundError(
-            f"cannot fetch {path} from the Hugging Face Hub ({type(err).__name__}); on a connected machine run "
+            f"--diffusers_path {path} is no local folder, and cannot be fetched from the Hugging Face Hub "
+            f"({type(err).__name__}); on a connected machine run "
             f"`huggingface-cli download {path} --local-dir DIR` and pass --diffusers_path DIR"
         ) from None
 

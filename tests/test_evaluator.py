@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import urllib.error
+import warnings
 
 import numpy as np
 import pytest
@@ -233,6 +234,20 @@ def test_npz_reader_rejects_wrong_contents_with_the_file_name(tmp_path):
         NpzImageReader(str(tmp_path / "stats.npz"))
     with pytest.raises(FileNotFoundError, match="missing.npz"):
         NpzImageReader(str(tmp_path / "missing.npz"))
+    np.savez(tmp_path / "objects.npz", np.array([np.zeros((4, 4, 3), np.uint8), "x"], dtype=object))
+    with pytest.raises(ValueError, match=r"objects\.npz: arr_0 holds pickled Python objects, which are never loaded"):
+        NpzImageReader(str(tmp_path / "objects.npz"))
+
+
+def test_a_set_smaller_than_the_feature_dimension_is_warned_of(tmp_path, digits):
+    images, labels = digits
+    evaluator = Evaluator("random", device="cpu", progress=False, cache=False)  # 256 dimensions
+    big, small = save_npz(tmp_path / "big.npz", images[:300]), save_npz(tmp_path / "small.npz", images[300:500])
+    with pytest.warns(UserWarning, match="the sample set has 200 images, not more than the 256 feature dimensions"):
+        evaluator.evaluate(big, small)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluator.evaluate(big, big)
 
 
 # ----- statistics: cache and precomputed -----

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cm.image_datasets import load_data, load_digits_arrays
+from cm.image_datasets import load_data, load_digits_arrays, to_rgb8
 
 
 def solid(value, size=(12, 10)):
@@ -168,7 +168,20 @@ def error_cases(tmp_path):
     write_npz(tmp_path / "gray.npz", noise_images(4)[..., 0])
     write_npz(tmp_path / "float.npz", noise_images(4).astype(np.float32))
     np.savez(tmp_path / "other.npz", pictures=noise_images(4))
+    write_npz(tmp_path / "twenty.npz", noise_images(4), np.array([0, 19, 3, 4]))
+    write_npz(tmp_path / "negative.npz", noise_images(4), np.array([0, -1, 3, 4]))
+    np.savez(tmp_path / "objects.npz", np.array([noise_images(1)[0], "x"], dtype=object))
+    (tmp_path / "prefixes").mkdir()
+    for k in range(12):
+        solid(k).save(tmp_path / "prefixes" / f"c{k:02d}_0.png")
     return [
+        (dict(data_dir=str(tmp_path / "twenty.npz"), class_cond=True, num_classes=10), ValueError,
+         r"twenty.npz has labels 0..19 \(4 classes\), outside 0..9 of --num_classes 10; pass --num_classes 20"),
+        (dict(data_dir=str(tmp_path / "negative.npz"), class_cond=True, num_classes=10), ValueError,
+         r"labels -1..4 .*relabel them from 0"),
+        (dict(data_dir=str(tmp_path / "prefixes"), class_cond=True, num_classes=10), ValueError,
+         r"labels 0..11 \(12 classes\).*--num_classes 12"),
+        (dict(data_dir=str(tmp_path / "objects.npz")), ValueError, r"objects.npz: it holds pickled Python objects"),
         (dict(data_dir=""), ValueError, "pass --data_dir"),
         (dict(data_dir=str(tmp_path / "nowhere")), FileNotFoundError, "data_dir not found: .*nowhere"),
         (dict(data_dir=str(tmp_path / "empty")), FileNotFoundError, "no images .* under .*empty"),
@@ -204,3 +217,49 @@ def test_skip_starts_the_stream_later_without_reading(tmp_path):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1]["y"], want[1]["y"])
     with pytest.raises(RuntimeError, match="before the first batch"):
         later.skip(1)
+
+
+def test_every_pil_mode_reads_as_the_rgb_it_means(tmp_path):
+    """Files of each mode the listed formats (png, jpg, gif) produce, and PIL's other modes in memory, against
+    the 8-bit RGB computed here by hand; convert("RGB") alone makes 16-bit gray white and float gray black."""
+    gray = np.arange(0, 256, 4, dtype=np.uint8).reshape(8, 8)
+    rgb = np.stack([gray, 255 - gray, np.full_like(gray, 7)], -1)
+    alpha = np.where(np.arange(64).reshape(8, 8) % 2, 255, 64).astype(np.uint8)
+    over_white = lambda c, a: np.rint(c * (a / 255) + 255 * (1 - a / 255)).astype(np.uint8)
+    gray3 = np.repeat(gray[..., None], 3, -1)
+    cases = {
+        "L.png": (Image.fromarray(gray), gray3),
+        "1.png": (Image.fromarray(gray >= 128), np.repeat(np.where(gray >= 128, 255, 0)[..., None], 3, -1)),
+        "I16.png": (Image.fromarray(gray.astype(np.uint16) * 257), gray3),
+        "LA.png": (Image.fromarray(np.stack([gray, alpha], -1), "LA"), over_white(gray3, alpha[..., None])),
+        "RGBA.png": (Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), over_white(rgb, alpha[..., None])),
+        "P.gif": (Image.fromarray(rgb).quantize(64), None),  # expected: the palette looked up, below
+        "CMYK.jpg": (Image.fromarray(rgb).convert("CMYK"), None),  # lossy: compared loosely, below
+    }
+    for name, (image, expected) in cases.items():
+        image.save(tmp_path / name)
+        with Image.open(tmp_path / name) as f:
+            f.load()
+            out = np.asarray(to_rgb8(f))
+        assert out.dtype == np.uint8 and out.shape == (8, 8, 3), name
+        if name == "P.gif":
+            palette = np.asarray(image.getpalette(), dtype=np.uint8).reshape(-1, 3)
+            expected = palette[np.asarray(image)]
+        if name == "CMYK.jpg":
+            assert np.abs(out.astype(int) - rgb).mean() < 8, name
+            continue
+        np.testing.assert_array_equal(out, expected, err_msg=name)
+    # modes the listed formats do not produce, in memory
+    np.testing.assert_array_equal(np.asarray(to_rgb8(Image.fromarray(gray.astype(np.int32) * 257))), gray3)
+    np.testing.assert_array_equal(np.asarray(to_rgb8(Image.fromarray(gray.astype(np.float32) / 255))), gray3)
+    mid_gray_lab = Image.new("LAB", (2, 2), (128, 128, 128))  # L* 50, a* = b* = 0: sRGB 119
+    assert np.abs(np.asarray(to_rgb8(mid_gray_lab)).astype(int) - 119).max() <= 1
+    np.testing.assert_array_equal(np.asarray(to_rgb8(Image.new("HSV", (1, 1), (0, 255, 255)))), [[[255, 0, 0]]])
+    with pytest.raises(ValueError, match=r"F gray values span 0..2, outside 0..1"):
+        to_rgb8(Image.fromarray(np.array([[0, 2]], dtype=np.float32)))
+    with pytest.raises(ValueError, match="PIL mode RGBa is not read"):
+        to_rgb8(Image.new("RGBa", (1, 1)))
+    (tmp_path / "data").mkdir()
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "data" / "a_0.png")
+    images, _ = next(load_data(data_dir=str(tmp_path / "data"), batch_size=1, image_size=8, random_flip=False, num_workers=0))
+    assert torch.equal(images[0], to_input(gray3))

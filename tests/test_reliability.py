@@ -160,3 +160,56 @@ def test_a_pickled_program_is_refused_without_advising_to_run_it(tmp_path, monke
     result = cm_train(tmp_path / "run", monkeypatch, capsys, f"--resume_checkpoint {path}")
     assert result.returncode == 1 and "pickled objects" in result.stderr, result.stderr
     assert "weights_only=False" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_resume_with_other_run_defining_flags_is_refused_and_other_changes_are_logged(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    train("cm_train", TRAIN + " " + CT + " --total_training_steps 2 --save_interval 2", run)
+    config = (run / "config.json").read_text()
+    for extra, message in (("--seed 1", "--seed 0 -> 1"), ("--global_batch_size 8", "--global_batch_size 16 -> 8"),
+                           ("--num_channels 64", "--num_channels 32 -> 64")):
+        result = cm_train(run, monkeypatch, capsys, extra)
+        assert result.returncode == 1 and message in result.stderr and "--allow_config_change" in result.stderr, result.stderr
+        assert (run / "config.json").read_text() == config and not (run / "model000004.pt").exists()
+    train("cm_train", TRAIN + " " + CT + " --total_training_steps 4 --save_interval 2 --lr 1e-4 --seed 1 "
+          "--allow_config_change True", run)
+    log = (run / "log.txt").read_text()
+    assert "config change on resume: --lr 0.0002 -> 0.0001" in log and "config change on resume: --seed 0 -> 1" in log
+    assert (run / "model000004.pt").exists()
+
+
+def test_an_unwritable_folder_and_a_failed_save_get_one_line(tmp_path, monkeypatch, capsys):
+    from cm import checkpoints
+
+    (tmp_path / "file").write_text("x")
+    result = cm_train(tmp_path / "file" / "run", monkeypatch, capsys)
+    assert result.returncode == 1 and "cannot write to the run folder" in result.stderr and "Traceback" not in result.stderr
+
+    real_save = checkpoints.atomic_save
+
+    def disk_full_at_step_4(obj, path):
+        if path.endswith("opt000004.pt"):
+            raise OSError(28, "No space left on device")
+        real_save(obj, path)
+
+    monkeypatch.setattr(checkpoints, "atomic_save", disk_full_at_step_4)
+    run = tmp_path / "run"
+    result = cm_train(run, monkeypatch, capsys, "--total_training_steps 4 --save_interval 2")
+    assert result.returncode == 1 and "No space left on device" in result.stderr and "opt000004.pt" in result.stderr
+    assert "resumes from its last complete checkpoint" in result.stderr and "Traceback" not in result.stderr
+    assert (run / "model000002.pt").exists() and not (run / "model000004.pt").exists()
+
+
+def test_folders_given_as_model_files_are_named_plainly(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model000002.pt").write_bytes(b"")
+    argv = [*shlex.split(TINY_FLAGS + " --training_mode consistency_training --sampler onestep --num_samples 2"),
+            "--model_path", str(run), "--log_dir", str(tmp_path / "s")]
+    result = run_in_process("image_sample", argv, monkeypatch, capsys)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "is a folder but not a diffusers pipeline" in result.stderr and "pass a .pt model file (this one holds model000002.pt" in result.stderr
+    for path in ("./nowhere/ct64", str(tmp_path / "nowhere")):
+        result = run_in_process("convert_from_diffusers", ["--diffusers_path", path, "--output", str(tmp_path / "c.pt")],
+                                monkeypatch, capsys)
+        assert result.returncode == 1 and f"--diffusers_path {path}: no such folder" in result.stderr, result.stderr
