@@ -13,7 +13,8 @@ class NonFiniteLossError(RuntimeError):
     """A float32/bf16 run met an inf/NaN loss (fp16 runs skip such steps instead)."""
 
 
-EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError, NonFiniteLossError)
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+                   ImportError, NonFiniteLossError)
 
 
 def str2bool(v):

@@ -213,3 +213,17 @@ def test_folders_given_as_model_files_are_named_plainly(tmp_path, monkeypatch, c
         result = run_in_process("convert_from_diffusers", ["--diffusers_path", path, "--output", str(tmp_path / "c.pt")],
                                 monkeypatch, capsys)
         assert result.returncode == 1 and f"--diffusers_path {path}: no such folder" in result.stderr, result.stderr
+
+
+def test_cm_traceback_shows_the_traceback(monkeypatch, capsys):
+    from cm.cli import run_cli
+
+    def denied():
+        raise PermissionError(13, "Permission denied", "/root/run")
+
+    with pytest.raises(SystemExit):
+        run_cli(denied)
+    assert capsys.readouterr().err == "error: [Errno 13] Permission denied: '/root/run' (set CM_TRACEBACK=1 for the traceback)\n"
+    monkeypatch.setenv("CM_TRACEBACK", "1")
+    with pytest.raises(PermissionError):
+        run_cli(denied)
