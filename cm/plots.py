@@ -22,16 +22,17 @@ def panels_png(panels, path, title="", x_label="step", log_x=False, width=640, p
     every panel; x on a log scale with `log_x`. Returns the number of lines drawn (nothing is written if 0)."""
     labels = list(dict.fromkeys(label for _, lines in panels for label in lines))
     colors = dict(zip(labels, COLORS * (len(labels) // len(COLORS) + 1)))
-    img = Image.new("RGB", (width, 24 + panel_height * len(panels)), "white")
+    head = 40  # the title, then the legend on a line of its own
+    img = Image.new("RGB", (width, head + panel_height * len(panels)), "white")
     draw = ImageDraw.Draw(img)
     draw.text((pad, 4), title, fill="black")
     legend_x = width - pad
     for label in reversed(labels):
         legend_x -= 7 * len(label) + 16
-        draw.text((legend_x, 4), label, fill=colors[label])
+        draw.text((legend_x, 20), label, fill=colors[label])
     drawn = 0
     for row, (name, lines) in enumerate(panels):
-        top, bottom = 24 + row * panel_height + 16, 24 + (row + 1) * panel_height - 20
+        top, bottom = head + row * panel_height + 16, head + (row + 1) * panel_height - 20
         draw.rectangle([pad, top, width - pad, bottom], outline="gray")
         draw.text((pad + 4, top + 2), name, fill="black")
         lines = {k: (np.asarray(x, float), np.asarray(y, float)) for k, (x, y) in lines.items() if len(x) >= 2}
