@@ -167,7 +167,8 @@ def main(argv=None):
     parser.add_argument("--teacher_steps", type=int, default=800, help="EDM teacher training steps")
     parser.add_argument("--num_samples", type=int, default=1000, help="samples per model and sampler")
     parser.add_argument("--methods", default=",".join(METHODS), help="which of " + ", ".join(METHODS))
-    parser.add_argument("--quick", type=str2bool, default=False, help="a few steps, 100 samples, 4 Heun steps (smoke test)")
+    parser.add_argument("--quick", type=str2bool, default=False,
+                        help="a few steps of batch 16, 100 samples, 4 Heun steps (smoke test)")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.teacher_steps, args.num_samples = 4, 4, 100
@@ -178,12 +179,14 @@ def main(argv=None):
     if unknown or "CT" not in methods:
         raise ValueError(f"--methods takes CT (the budget) and any of {', '.join(METHODS)}; got {args.methods!r}")
     save_every = 2 if args.quick else SAVE_EVERY
+    quick_flags = ["--global_batch_size", "16"] if args.quick else []  # (the smoke test: a quarter of the batch)
     os.makedirs(args.log_dir, exist_ok=True)
     run = lambda name: os.path.join(args.log_dir, name)  # noqa: E731
 
     print(f"[1/4] EDM teacher on the digits ({args.teacher_steps} steps)", flush=True)
     teacher_dir = run(f"edm_teacher_{args.teacher_steps}steps")
-    teacher_seconds = timed_training(edm_train.main, ["--config", "demo_edm"], teacher_dir, args.teacher_steps)
+    teacher_flags = ["--config", "demo_edm", *quick_flags]
+    teacher_seconds = timed_training(edm_train.main, teacher_flags, teacher_dir, args.teacher_steps)
     teacher_path = ema_path(teacher_dir, "demo_edm", args.teacher_steps)
 
     def train(method, steps):
@@ -196,7 +199,7 @@ def main(argv=None):
         if kind == "prefix":
             flags += ["--save_interval", str(save_every)]
         if args.quick:
-            flags += ["--log_interval", "1"]  # the curves need logged steps
+            flags += ["--log_interval", "1", *quick_flags]  # the curves need logged steps
         run_dir = run(f"{method.lower()}_{steps}steps")
         seconds = timed_training(cm_train.main, flags, run_dir, steps)
         return {"steps": steps, "train_seconds": seconds, "run_dir": run_dir}

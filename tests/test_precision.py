@@ -110,7 +110,8 @@ def test_training_autocasts_and_saves_the_chosen_precision(hardware, expected, s
     flags = (AUTO_FLAGS + " --data_dir digits --global_batch_size 4 --progress False --training_mode consistency_training"
              " --loss_norm l2 --start_scales 4 --end_scales 4 --scale_mode fixed --total_training_steps 1 --save_interval 1")
     load_script("cm_train").main(shlex.split(flags) + ["--log_dir", str(tmp_path)])
-    assert seen == [torch.bfloat16 if expected == "bf16" else None]
+    # the step, and the check of the weights before the checkpoint is saved
+    assert seen == [torch.bfloat16 if expected == "bf16" else None] * 2
     with open(tmp_path / "config.json") as f:
         assert json.load(f)["precision"] == expected
     saved = checkpoint_config(torch.load(tmp_path / "model000001.pt", weights_only=True))
