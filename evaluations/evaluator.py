@@ -604,6 +604,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=1, help="cut the sample batch into K equal batches, each evaluated")
     parser.add_argument("--json", default="", help="also write the metrics (and mean, std, min over repeats) here")
     args = parser.parse_args()
+    warnings.formatwarning = lambda message, *rest, **kw: f"warning: {message}\n"  # one line, without the source line
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.repeats < 1:
