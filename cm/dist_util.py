@@ -150,7 +150,8 @@ def load_state_dict(path, map_location="cpu"):
             "re-save its weights as a plain state dict (torch.save(model.state_dict(), path))"
         ) from err
     except (RuntimeError, EOFError, KeyError, ValueError) as err:
-        raise ValueError(f"cannot read checkpoint {path}: truncated, or not a file written by torch.save") from err
+        reason = (str(err).split(". ")[0].splitlines() or [type(err).__name__])[0][:200]  # torch's first sentence
+        raise ValueError(f"cannot read checkpoint {path}: truncated, or not a file written by torch.save ({reason})") from err
 
 
 def _read_bytes(path):
