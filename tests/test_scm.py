@@ -300,3 +300,25 @@ def test_the_jvp_of_a_checkpointed_network_is_the_plain_one():
     a = network_jvp(lambda u, s: checkpointed(u, s, y), x, t, dx)
     b = network_jvp(lambda u, s: plain(u, s, y), x, t, dx)
     torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
+
+
+def test_a_bf16_step_follows_the_float32_gradient():
+    """Under bf16 autocast the residual F_theta - F^- is still exactly zero (F^- is this pass's own stop-gradient),
+    so the gradient is the float32 one up to bf16 rounding of dF_theta."""
+    model, diffusion = random_unet()
+    method = ContinuousConsistencyTraining(scm_flags(), diffusion)
+    method.build_networks(model)
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.rand(2, 3, 16, 16, generator=gen) * 2 - 1
+    rows = {"noise": torch.randn(x0.shape, generator=gen) * 0.5, "t": torch.tensor([0.4, 1.1])}
+    cond = {"y": torch.tensor([2, 5])}
+
+    def gradient(dtype):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = method.losses(model, x0, cond, rows, step=2)["loss"]
+        loss.float().sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    full, half = gradient(torch.float32), gradient(torch.bfloat16)
+    assert ((half - full).norm() / full.norm()).item() < 0.01

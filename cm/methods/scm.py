@@ -8,6 +8,8 @@ network under stop-gradient with the same dropout mask (no EMA target), from one
     g = -cos^2(t) (sigma_d F^- - dx_t/dt) - r cos(t) sin(t) (x_t + sigma_d dF^-/dt),
 r warmed up linearly from 0 to 1 over --tangent_warmup_steps, normalised g / (||g|| + c); the loss
     e^{-w(t)} / D ||F_theta - F^- - g||^2 + w(t),
+where F^- in the residual is sg(F_theta) of the trained pass itself (zero in value under bf16 autocast too,
+so the gradient is exactly -2 e^{-w} g dF_theta / D) and g uses the JVP's float32 F^-;
 w(t) a small learned head (adaptive weighting; D the numbers per image), or w(t) = -ln(prior weight) fixed.
 The teacher of sCD is class-conditional and has no unconditional mode (none of the published EDM checkpoints
 has one), so there is no classifier-free guidance.
@@ -133,8 +135,10 @@ class ContinuousConsistencyTraining(TrainingMethod):
         g_norm = g.flatten(1).norm(dim=1)
         g = g / (append_dims(g_norm, g.ndim) + self.norm_c)
         set_rng_states(micro.device, dropout_state)
-        F_theta = self.trigflow.network(model, x_t, t, **cond)
-        mse = mean_flat((F_theta.to(F_minus.dtype) - F_minus - g) ** 2)  # F^- and g in float32 (float64 in tests)
+        F_theta = self.trigflow.network(model, x_t, t, **cond).to(g.dtype)  # g in float32 (float64 in tests)
+        # the residual against F^- = sg(F_theta) of this very pass, exactly zero whatever the precision: the JVP's
+        # float32 primal differs from a bf16 F_theta by more than g's entries, and would bias the gradient
+        mse = mean_flat((F_theta - F_theta.detach() - g) ** 2)
         with torch.autocast(micro.device.type, enabled=False):
             w = self.weight_head(t) if self.weight_head is not None else prior_log_weight(t, sd)
         return {"loss": torch.exp(-w) * mse + w, "mse": mse, "tangent_norm": g_norm, "log_weight": w}
