@@ -4,6 +4,8 @@ The Karras et al. (2022) rho interpolation lives here once; the losses, the samp
 editing loops all reach noise levels through `karras_sigma` / `index_to_sigma`.
 """
 
+import math
+
 import numpy as np
 import torch
 
@@ -51,9 +53,15 @@ def exponential_num_scales(step, total_steps, start_scales, end_scales):
     return int(min(start_scales * 2**doublings, end_scales)) + 1
 
 
-def lognormal_sigmas(normal, p_mean, p_std):
+def lognormal_sigmas(normal, p_mean, p_std, bounds=None):
     """Noise levels sigma = exp(P_mean + P_std * n) for standard normal draws n: EDM's training
-    distribution (Karras et al. 2022, Sec. 5) and ECT's t ~ p(t)."""
+    distribution (Karras et al. 2022, Sec. 5) and ECT's t ~ p(t). With `bounds` (sigma_lo, sigma_hi), the
+    lognormal truncated to them (as NVlabs/FastGen draws): n's quantile is mapped into the bounds' quantiles, so
+    one draw still makes one sigma."""
+    if bounds is not None:
+        lo, hi = (torch.special.ndtr(torch.tensor((math.log(b) - p_mean) / p_std, dtype=torch.float64)) for b in bounds)
+        quantile = lo + torch.special.ndtr(normal.double()) * (hi - lo)
+        normal = torch.special.ndtri(quantile).to(normal.dtype)
     return torch.exp(p_mean + p_std * normal)
 
 

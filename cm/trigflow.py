@@ -31,9 +31,10 @@ def t_of_sigma(sigma, sigma_data):
     return torch.atan(sigma / sigma_data)
 
 
-def lognormal_t(normal, p_mean, p_std, sigma_data):
-    """Training times t = arctan(exp(P_mean + P_std n) / sigma_d) from standard normal draws n (sCM, Sec. 4)."""
-    return t_of_sigma(lognormal_sigmas(normal, p_mean, p_std), sigma_data)
+def lognormal_t(normal, p_mean, p_std, sigma_data, bounds=None):
+    """Training times t = arctan(exp(P_mean + P_std n) / sigma_d) from standard normal draws n (sCM, Sec. 4),
+    the noise level optionally truncated to `bounds`."""
+    return t_of_sigma(lognormal_sigmas(normal, p_mean, p_std, bounds), sigma_data)
 
 
 def diffuse(x0, z, t):

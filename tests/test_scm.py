@@ -322,3 +322,18 @@ def test_a_bf16_step_follows_the_float32_gradient():
 
     full, half = gradient(torch.float32), gradient(torch.bfloat16)
     assert ((half - full).norm() / full.norm()).item() < 0.01
+
+
+def test_truncated_noise_levels_follow_the_truncated_lognormal():
+    from scipy.stats import kstest, truncnorm
+
+    from cm.trigflow import lognormal_t
+
+    normal = torch.randn(20000, generator=torch.Generator().manual_seed(0))
+    log_sigma = torch.log(sigma_of_t(lognormal_t(normal, -1.0, 1.6, 0.5, bounds=(0.2, 5.0)), 0.5)).numpy()
+    assert log_sigma.min() >= math.log(0.2) - 1e-6 and log_sigma.max() <= math.log(5.0) + 1e-6
+    a, b = (math.log(0.2) + 1.0) / 1.6, (math.log(5.0) + 1.0) / 1.6
+    assert kstest(log_sigma, truncnorm(a, b, loc=-1.0, scale=1.6).cdf).pvalue > 0.01
+    # the order of the draws is kept (one draw, one sigma), and without bounds nothing changes
+    assert np.all(np.diff(log_sigma[np.argsort(normal.numpy())]) >= 0)
+    assert torch.equal(lognormal_t(normal, -1.0, 1.6, 0.5), t_of_sigma(torch.exp(-1.0 + 1.6 * normal), 0.5))

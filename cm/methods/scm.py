@@ -77,6 +77,7 @@ class ContinuousConsistencyTraining(TrainingMethod):
         super().__init__(args, diffusion)
         self.trigflow = TrigFlowDenoiser(diffusion.sigma_data, args.time_input, diffusion.sigma_max, diffusion.c_noise)
         self.p_mean, self.p_std = args.p_mean, args.p_std
+        self.sigma_bounds = (diffusion.sigma_min, diffusion.sigma_max) if args.p_truncate else None
         self.warmup_steps = args.tangent_warmup_steps
         self.norm_c = args.tangent_norm_c
         self.jvp, self.jvp_eps = args.jvp, args.jvp_eps
@@ -109,7 +110,7 @@ class ContinuousConsistencyTraining(TrainingMethod):
         if self.weight_head is not None:
             self.weight_head.zero_grad(set_to_none=True)
         z = rand.randn(*batch.shape[1:]) * self.trigflow.sigma_data
-        t = lognormal_t(rand.randn(), self.p_mean, self.p_std, self.trigflow.sigma_data)
+        t = lognormal_t(rand.randn(), self.p_mean, self.p_std, self.trigflow.sigma_data, self.sigma_bounds)
         return {"noise": z, "t": t}
 
     def dx_dt(self, x_t, x0, z, t, cond):
