@@ -54,6 +54,7 @@ def cm_train_defaults():
         ect_stage_steps=25000,  # d: ECT's stage lasts this many steps (published CIFAR-10: 25k at batch 128)
         time_input="edm",  # sCM's network time input: edm (250 ln(sigma_d tan t), an EDM network's own) | identity (t)
         tangent_warmup_steps=10000,  # sCM: r of the tangent rises linearly from 0 to 1 over this many steps
+        p_truncate=False,  # sCM: the lognormal noise levels truncated to [sigma_min, sigma_max] (as FastGen draws them)
         tangent_norm_c=0.1,  # sCM: tangent normalisation g / (||g|| + c)
         jvp="forward",  # sCM's dF/dt: forward (torch.func.jvp) | finite_diff
         jvp_eps=1e-3,  # sCM: the step of --jvp finite_diff (in t; x moves by eps dx/dt)
