@@ -8,6 +8,8 @@ import argparse
 import os
 import sys
 
+from . import dist_util
+
 
 class NonFiniteLossError(RuntimeError):
     """A float32/bf16 run met an inf/NaN loss (fp16 runs skip such steps instead)."""
@@ -46,6 +48,7 @@ def run_cli(main):
     """Run a script's main(), turning the expected failures into one line on stderr and exit status 1."""
     try:
         main()
+        dist_util.leave_process_group()
     except EXPECTED_ERRORS as err:
         if os.environ.get("CM_TRACEBACK"):
             raise

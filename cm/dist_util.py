@@ -4,6 +4,7 @@ Everything here is also correct in a single process without a process group, so 
 the same helpers whatever the launch.
 """
 
+import atexit
 import io
 import os
 import pickle
@@ -73,6 +74,19 @@ def setup_dist(device=None, gpus_per_node=None, backend=None):
         rank=rank,
         world_size=world_size,
     )
+    # a process group left to the interpreter's exit can take the process down with std::terminate (a backend
+    # thread still joinable while its objects are destroyed): leave it explicitly, also when a script fails
+    atexit.register(leave_process_group, wait_for_all=False)
+
+
+def leave_process_group(wait_for_all=True):
+    """Destroy the process group (nothing to do in one process). `wait_for_all`: first a barrier, so no rank closes
+    its connections while another still reads from them (a clean end of a script; not after an error, where the
+    other ranks may never arrive)."""
+    if dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def dev():
