@@ -44,11 +44,14 @@ PY
     ;;
 esac
 
-if [ ! -f "configs/$name.json" ]; then
-  echo "error: no preset configs/$name.json; 'bash launch.sh list' shows them" >&2
-  exit 1
-fi
-script=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['script'])" "configs/$name.json")
+# the preset's name and script are checked (one of configs/*.json, one of scripts/*.py) before anything runs
+script=$(python - "$name" <<'PY'
+import sys
+from cm.cli import run_cli
+from cm.config import preset_script
+run_cli(lambda: print(preset_script(sys.argv[1])))
+PY
+)
 if [ "$nproc" -gt 1 ]; then
   exec mpiexec -n "$nproc" python "scripts/$script" --config "$name" "$@"
 fi

@@ -4,25 +4,45 @@ flag given on the command line overrides them.
 A preset file: {"script": "cm_train.py", "description": "...", "base": "base/imagenet64", "flags": {...}}.
 "base" (optional) names another preset whose flags come first (the preset's own override them); the
 architectures of the published experiments live once each in configs/base/ (a base names no script,
-so any script takes it, and `bash launch.sh list` does not list it).
+so any script takes it, and `bash launch.sh list` does not list it). A name is one of those files, never a
+path out of configs/ (a path ending .json is read as the user's own preset), and "script" is one of scripts/*.py.
 """
 
 import json
 import os
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(ROOT, "configs")
+SCRIPT_DIR = os.path.join(ROOT, "scripts")
+
+
+def _names(folder, ext):
+    return sorted(f[: -len(ext)] for f in os.listdir(folder) if f.endswith(ext)) if os.path.isdir(folder) else []
 
 
 def preset_names():
-    if not os.path.isdir(CONFIG_DIR):
-        return []
-    return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".json"))
+    return _names(CONFIG_DIR, ".json")
+
+
+def script_names():
+    """The scripts a preset may name: the files of scripts/*.py."""
+    return [f"{name}.py" for name in _names(SCRIPT_DIR, ".py")]
+
+
+def _unknown_preset(name):
+    return ValueError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
 
 
 def _read_preset(name):
-    path = name if name.endswith(".json") else os.path.join(CONFIG_DIR, f"{name}.json")
+    # a name is one of configs/*.json or configs/base/*.json (never a path out of configs/); a .json path is a user's own file
+    if name.endswith(".json"):
+        path = name
+    elif name in preset_names() or name in [f"base/{n}" for n in _names(os.path.join(CONFIG_DIR, "base"), ".json")]:
+        path = os.path.join(CONFIG_DIR, f"{name}.json")
+    else:
+        raise _unknown_preset(name)
     if not os.path.isfile(path):
-        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
+        raise _unknown_preset(name)
     with open(path) as f:
         try:
             preset = json.load(f)
@@ -30,7 +50,20 @@ def _read_preset(name):
             raise ValueError(f"preset {path} is not valid JSON: {err}") from err
     if not isinstance(preset.get("flags"), dict):
         raise ValueError(f"preset {path} has no \"flags\" object")
+    if "script" in preset and preset["script"] not in script_names():
+        raise ValueError(f"preset {path}: its script {preset['script']!r} is not one of scripts/*.py: "
+                         f"{', '.join(script_names())}")
     return preset
+
+
+def preset_script(name):
+    """The script preset `name` runs (launch.sh): the name must be one of configs/*.json, the script one of scripts/*.py."""
+    if name not in preset_names():
+        raise _unknown_preset(name)
+    preset = load_preset(name)
+    if "script" not in preset:
+        raise ValueError(f"preset {name!r} names no script; choose one of: {', '.join(preset_names())}")
+    return preset["script"]
 
 
 def load_preset(name):

@@ -11,6 +11,7 @@ processes with batch b read together.
 import math
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from itertools import count
 
 import blobfile as bf
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from . import dist_util
 from .image_io import save_npz
@@ -25,6 +27,7 @@ from .image_io import save_npz
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 DIGITS_NAME = "digits"
 DIGITS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "digits.npz")
+CHECK_PROGRESS_MIN_FILES = 20000  # image folders at least this large show a progress bar while their files are checked
 NPZ_LAYOUTS = (
     "arr_0: uint8 images (N, H, W, 3) with optional arr_1: N integer labels (a sample batch), or "
     "data: uint8 (N, 3*S*S) channel-first with labels: N labels counted from 1 (downsampled ImageNet)"
@@ -63,6 +66,9 @@ def load_data(
     rank = dist_util.get_rank() if rank is None else rank
     world_size = dist_util.get_world_size() if world_size is None else world_size
     dataset = open_dataset(data_dir, image_size, class_cond, random_crop, random_flip)
+    if isinstance(dataset, ImageFileDataset):  # each process checks its share of the files
+        progress = rank == 0 and len(dataset) >= CHECK_PROGRESS_MIN_FILES
+        check_image_files(dataset.paths[rank::world_size], progress)
     if class_cond and num_classes is not None:
         check_labels(dataset.labels, num_classes, data_dir)
     sampler = GlobalBatchSampler(len(dataset), batch_size, rank, world_size, seed, shuffle=not deterministic)
@@ -144,6 +150,50 @@ def check_labels(labels, num_classes, source):
             f"--num_classes {num_classes}; pass --num_classes {high + 1} if they are right"
             + (", or relabel them from 0" if low < 0 else "")
         )
+
+
+def check_image_file(path):
+    """None if the file reads as an image, else the one-line message naming it. Cheap when the file is
+    plainly whole: a PNG whose chunks' CRCs check through IEND (verify(), no decoding), a JPEG that ends with
+    its end-of-image marker; any other file is decoded as training reads it (so a valid file is never refused)."""
+    try:
+        with bf.BlobFile(path, "rb") as f:
+            image = Image.open(f)
+            if image.format == "PNG":
+                image.verify()
+                return None
+            if image.format == "JPEG":
+                f.seek(-2, os.SEEK_END)
+                if f.read(2) == b"\xff\xd9":
+                    return None
+    except (OSError, SyntaxError, ValueError):
+        pass
+    image = read_image(path)
+    return image.message if isinstance(image, UnreadableImage) else None
+
+
+def check_image_files(paths, progress=False):
+    """One ValueError naming the first of `paths` that check_image_file refuses; the files are read in threads."""
+    with ThreadPoolExecutor() as pool, tqdm(total=len(paths), desc="checking images", unit="file",
+                                            disable=not progress) as bar:
+        chunk = 4096  # a bounded number of pending reads
+        for start in range(0, len(paths), chunk):
+            for message in pool.map(check_image_file, paths[start : start + chunk]):
+                if message:
+                    pool.shutdown(cancel_futures=True)
+                    raise ValueError(message)
+                bar.update()
+
+
+def read_image(path):
+    """The decoded PIL image at `path`, or an UnreadableImage naming it."""
+    try:
+        with bf.BlobFile(path, "rb") as f:
+            image = Image.open(f)
+            image.load()
+    except (OSError, SyntaxError, ValueError) as err:
+        return UnreadableImage(f"cannot read image {path} ({err}); delete or replace the file")
+    return image
 
 
 def list_image_files(data_dir):
@@ -320,12 +370,9 @@ class ImageFileDataset(AugmentedDataset):
 
     def pil_image(self, index):
         path = self.paths[index]
-        try:
-            with bf.BlobFile(path, "rb") as f:
-                image = Image.open(f)
-                image.load()
-        except (OSError, SyntaxError, ValueError) as err:
-            return UnreadableImage(f"cannot read image {path} ({err}); delete or replace the file")
+        image = read_image(path)
+        if isinstance(image, UnreadableImage):
+            return image
         try:
             return to_rgb8(image)
         except ValueError as err:

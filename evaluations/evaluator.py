@@ -271,12 +271,7 @@ class NpzImageReader:
             self.shape, fortran_order, self.dtype = header_readers[version](self._file)
             streamable = not fortran_order and not self.dtype.hasobject
         if not streamable:  # an unusual layout: read it whole
-            with np.load(path, allow_pickle=False) as npz:
-                try:
-                    self._array = npz[name]
-                except ValueError:  # numpy's "Object arrays cannot be loaded when allow_pickle=False"
-                    raise ValueError(f"{path}: {name} holds pickled Python objects, which are never loaded; "
-                                     f"expected {NPZ_IMAGES}") from None
+            self._array = read_npz_arrays(path, [name], expected=NPZ_IMAGES)[name]
             self.shape, self.dtype = self._array.shape, self._array.dtype
         if self.dtype != np.uint8 or len(self.shape) != 4 or self.shape[-1] != 3 or self.shape[0] == 0:
             self.close()
@@ -314,12 +309,26 @@ class NpzImageReader:
         self.close()
 
 
+def read_npz_arrays(path, names, expected=None):
+    """{name: array} of those of `names` that the .npz at `path` holds; pickled (object) arrays are refused
+    in one line naming the file and the array, never loaded."""
+    arrays = {}
+    with np.load(path, allow_pickle=False) as npz:
+        for name in names:
+            if name in npz.files:
+                try:
+                    arrays[name] = npz[name]
+                except ValueError:  # numpy's "Object arrays cannot be loaded when allow_pickle=False"
+                    raise ValueError(f"{path}: {name} holds pickled Python objects, which are never loaded"
+                                     + (f"; expected {expected}" if expected else "")) from None
+    return arrays
+
+
 def read_labels(npz_path, num_images):
     """The integer `arr_1` labels of a sample batch, or None if it has none."""
-    with np.load(npz_path, allow_pickle=False) as npz:
-        if "arr_1" not in npz.files:
-            return None
-        labels = npz["arr_1"]
+    labels = read_npz_arrays(npz_path, ["arr_1"], expected=f"{num_images} integer labels").get("arr_1")
+    if labels is None:
+        return None
     if labels.shape != (num_images,) or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"{npz_path}: arr_1 is {labels.dtype} {labels.shape}; expected {num_images} integer labels")
     return labels.astype(np.int64)
@@ -387,8 +396,12 @@ class Evaluator:
         pool, spatial = activations
         stored = {}
         if self.features == "inception":
-            with np.load(npz_path, allow_pickle=False) as npz:
-                stored = {key: npz[key] for key in ("mu", "sigma", "mu_s", "sigma_s") if key in npz.files}
+            stored = read_npz_arrays(npz_path, ("mu", "sigma", "mu_s", "sigma_s"))
+            for key, array in stored.items():
+                if not np.isfinite(array).all():
+                    raise ValueError(f"{npz_path}: {key} holds {'nan' if np.isnan(array).any() else 'inf'} values; "
+                                     "recompute the precomputed statistics, or remove mu, sigma, mu_s and sigma_s "
+                                     "from the file to compute them from its images")
         stats = FIDStatistics(stored["mu"], stored["sigma"]) if "mu" in stored else self.compute_statistics(pool)
         if "mu_s" in stored:
             spatial_stats = FIDStatistics(stored["mu_s"], stored["sigma_s"])

@@ -2,7 +2,9 @@
 
 import json
 import os
+import re
 import shlex
+import subprocess
 
 import pytest
 
@@ -79,6 +81,36 @@ def test_command_line_overrides_the_preset_and_errors_are_clear(tmp_path):
     bad.write_text(json.dumps({"script": "cm_train.py", "flags": {"no_such_flag": 1}}))
     with pytest.raises(ValueError, match="no_such_flag"):
         parse("cm_train", ["--config", str(bad)])
+
+
+def evil_preset(tmp_path):
+    """A preset outside configs/ whose script lies outside scripts/ (it would leave a marker file if run)."""
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil_script.py"
+    evil.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    script = os.path.relpath(evil, os.path.join(ROOT, "scripts"))
+    preset = tmp_path / "x.json"
+    preset.write_text(json.dumps({"script": script, "flags": {}}))
+    return preset, script, marker
+
+
+def test_launch_refuses_a_preset_name_with_a_path_before_running_anything(tmp_path):
+    preset, _, marker = evil_preset(tmp_path)
+    name = os.path.relpath(preset, os.path.join(ROOT, "configs"))[: -len(".json")]  # configs/NAME.json is the preset
+    result = subprocess.run(["bash", "launch.sh", name], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and not marker.exists() and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert f"unknown preset {name!r}; choose one of: " in result.stderr and "ct_imagenet64" in result.stderr
+
+
+def test_a_preset_is_a_name_in_configs_and_its_script_one_of_scripts(tmp_path):
+    preset, script, _ = evil_preset(tmp_path)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(preset))}: its script {script!r} is not one of scripts/\*\.py: .*cm_train\.py"):
+        load_preset(str(preset))
+    name = os.path.relpath(preset, os.path.join(ROOT, "configs"))[: -len(".json")]
+    with pytest.raises(ValueError, match=r"unknown preset .*; choose one of: .*ct_imagenet64"):
+        parse("cm_train", ["--config", name])
+    assert load_preset("base/imagenet64")["flags"]["image_size"] == 64  # a base is still a name in configs/
 
 
 def test_a_preset_takes_its_base_flags_under_its_own(tmp_path):

@@ -317,6 +317,23 @@ def test_precomputed_statistics_of_a_reference_batch_are_read_with_inception_fea
     np.testing.assert_allclose(stats.mu, activations[0].mean(axis=0))
 
 
+def test_non_finite_precomputed_statistics_and_pickled_labels_are_refused_naming_file_and_array(tmp_path, inception):
+    good = dict(mu=np.zeros(4), sigma=np.eye(4), mu_s=np.zeros(3), sigma_s=np.eye(3))
+    activations = (np.zeros((10, 4)), np.zeros((10, 3)))
+    for key, bad in (("sigma", np.nan), ("mu_s", np.inf)):
+        path = tmp_path / f"ref_{key}.npz"
+        arrays = dict(good)
+        arrays[key] = arrays[key].copy()
+        arrays[key].flat[1] = bad
+        np.savez(path, np.zeros((2, 8, 8, 3), np.uint8), **arrays)
+        with pytest.raises(ValueError, match=rf"ref_{key}\.npz: {key} holds {bad} values"):
+            inception.read_statistics(str(path), activations)
+    labels = tmp_path / "labels.npz"
+    np.savez(labels, np.zeros((2, 8, 8, 3), np.uint8), np.array([1, "x"], dtype=object))
+    with pytest.raises(ValueError, match=r"labels\.npz: arr_1 holds pickled Python objects, which are never loaded"):
+        ev.read_labels(str(labels), 2)
+
+
 # ----- the feature networks -----
 
 

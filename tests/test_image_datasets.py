@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cm import image_datasets
 from cm.image_datasets import load_data, load_digits_arrays, to_rgb8
 
 
@@ -183,6 +184,7 @@ def error_cases(tmp_path):
          r"labels 0..11 \(12 classes\).*--num_classes 12"),
         (dict(data_dir=str(tmp_path / "objects.npz")), ValueError, r"objects.npz: it holds pickled Python objects"),
         (dict(data_dir=""), ValueError, "pass --data_dir"),
+        (dict(data_dir=str(tmp_path / "broken"), batch_size=1), ValueError, "^cannot read image .*broken/a_1.png.*delete or replace"),
         (dict(data_dir=str(tmp_path / "nowhere")), FileNotFoundError, "data_dir not found: .*nowhere"),
         (dict(data_dir=str(tmp_path / "empty")), FileNotFoundError, "no images .* under .*empty"),
         (dict(data_dir=str(tmp_path / "unlabelled"), class_cond=True), ValueError, "cat.png has no class prefix.*CLASS_"),
@@ -200,10 +202,50 @@ def test_errors_name_the_problem_and_the_fix(tmp_path):
         with pytest.raises(error, match=message):
             load_data(**{"batch_size": 3, "image_size": 8, **kw})
     for workers in (0, 1):
-        data = load_data(data_dir=str(tmp_path / "broken"), batch_size=1, image_size=8, num_workers=workers)
-        with pytest.raises(ValueError, match="^cannot read image .*broken/a_1.png.*delete or replace") as err:
+        # a file that breaks after the data were opened is still named when its batch comes
+        (tmp_path / f"later{workers}").mkdir()
+        solid(3).save(tmp_path / f"later{workers}" / "a_1.png")
+        data = load_data(data_dir=str(tmp_path / f"later{workers}"), batch_size=1, image_size=8, num_workers=workers)
+        (tmp_path / f"later{workers}" / "a_1.png").write_bytes(b"not a png")
+        with pytest.raises(ValueError, match=f"^cannot read image .*later{workers}/a_1.png.*delete or replace") as err:
             next(data)
         assert "\n" not in str(err.value)
+
+
+def test_a_corrupt_or_truncated_image_is_named_when_the_data_are_opened(tmp_path):
+    def encoded(fmt, seed):
+        path = tmp_path / f"image.{fmt}"
+        Image.fromarray(noise_images(1, size=24, seed=seed)[0]).save(path)
+        return path.read_bytes()
+
+    png, jpeg = encoded("png", 1), encoded("jpg", 2)
+    flipped = bytearray(png)
+    flipped[len(png) // 2] ^= 0xFF  # inside the image data: its chunk's CRC no longer matches
+    bad_files = {"c.png": png[: len(png) // 2], "d.jpg": jpeg[:-2], "e.png": bytes(flipped), "f.jpg": jpeg[: len(jpeg) * 2 // 3]}
+    for name, data in bad_files.items():
+        folder = tmp_path / name.replace(".", "_")
+        folder.mkdir()
+        for i in range(3):
+            (folder / f"a{i}.png").write_bytes(png)
+            (folder / f"b{i}.jpg").write_bytes(jpeg)
+        (folder / name).write_bytes(data)
+        with pytest.raises(ValueError, match=f"^cannot read image {folder / name} \\(.*\\); delete or replace") as err:
+            load_data(data_dir=str(folder), batch_size=2, image_size=8)
+        assert "\n" not in str(err.value)
+        (folder / name).unlink()
+        next(load_data(data_dir=str(folder), batch_size=2, image_size=8, num_workers=0))  # the good ones open and read
+    # a JPEG with bytes after its end-of-image marker still reads, so it is not refused
+    (tmp_path / "d_jpg" / "d.jpg").write_bytes(jpeg + b"trailer")
+    next(load_data(data_dir=str(tmp_path / "d_jpg"), batch_size=7, image_size=8, num_workers=0))
+
+
+def test_the_file_check_shows_a_progress_bar_on_rank_0_for_large_folders(tmp_path, monkeypatch, capsys):
+    for i in range(4):
+        solid(i).save(tmp_path / f"{i}.png")
+    for size, rank, shown in ((4, 0, True), (5, 0, False), (4, 1, False)):
+        monkeypatch.setattr(image_datasets, "CHECK_PROGRESS_MIN_FILES", size)
+        load_data(data_dir=str(tmp_path), batch_size=1, image_size=8, rank=rank, world_size=2)
+        assert ("checking images" in capsys.readouterr().err) == shown
 
 
 def test_skip_starts_the_stream_later_without_reading(tmp_path):
