@@ -16,6 +16,11 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def write_failure(path, err):
+    """'could not write PATH (why)' for the OSError or RuntimeError (torch.save's writer) of a failed write."""
+    return f"could not write {path} ({getattr(err, 'strerror', None) or str(err).splitlines()[0]})"
+
+
 def atomic_write_text(path, text):
     def write(tmp):
         with open(tmp, "w") as f:

@@ -24,7 +24,8 @@ from collections import OrderedDict
 
 import torch
 
-from .checkpoints import read_model_state
+from .checkpoints import MODEL_FILE, newest_weight_files, read_model_state
+from .dist_util import read_weight_file
 from .script_util import model_and_diffusion_defaults, parse_attention_resolutions, parse_channel_mult
 
 # our ResBlock / AttentionBlock sub-module names -> diffusers' ResnetBlock2D / Attention names
@@ -336,10 +337,13 @@ def load_folder(folder):
     unet_dir = os.path.join(folder, "unet") if os.path.isdir(os.path.join(folder, "unet")) else folder
     config_path = os.path.join(unet_dir, "config.json")
     if not os.path.isfile(config_path):
-        weights = sorted(n for n in os.listdir(folder) if n.endswith(".pt"))
-        hint = f" (this one holds {weights[-1]}, for example)" if weights else ""
-        raise FileNotFoundError(f"{folder} is a folder but not a diffusers pipeline or UNet2DModel folder (no "
-                                f"unet/config.json); pass a .pt model file{hint} or a diffusers folder")
+        weights = newest_weight_files(folder)
+        if not weights:
+            raise FileNotFoundError(f"{folder} is a folder with no checkpoints (modelNNNNNN.pt, ema_RATE_NNNNNN.pt) and "
+                                    "no diffusers pipeline (unet/config.json); pass a .pt model file or a diffusers folder")
+        model, emas = (weights[0], weights[1:]) if MODEL_FILE.match(os.path.basename(weights[0])) else (None, weights)
+        choices = ([f"its newest model file {model}"] if model else []) + ([f"an EMA ({', '.join(emas)})"] if emas else [])
+        raise IsADirectoryError(f"{folder} is a run folder, not a model file; pass {' or '.join(choices)}")
     with open(config_path) as f:
         config = json.load(f)
     names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -350,7 +354,7 @@ def load_folder(folder):
     if path.endswith(".safetensors"):
         state = load_file(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_weight_file(path, what="diffusers weights")
     record_path = os.path.join(folder, FLAGS_FILE)
     extra = {}
     if os.path.isfile(record_path):

@@ -156,16 +156,23 @@ def load_state_dict(path, map_location="cpu"):
         holder = [_read_bytes(path) if get_rank() == 0 else None]
         dist.broadcast_object_list(holder, src=0)
         data = holder[0]
+    return read_weight_file(path, io.BytesIO(data), map_location=map_location)
+
+
+def read_weight_file(path, source=None, map_location="cpu", mmap=False, what="checkpoint", fix=""):
+    """torch.load(source or path, weights_only=True): the one reader of weight files, which never runs pickled
+    code; a file of pickled objects or an unreadable one raises one line naming `path` (`what` it is, and `fix`)."""
     try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path} holds pickled objects other than tensors and plain containers, which are never run here; "
-            "re-save its weights as a plain state dict (torch.save(model.state_dict(), path))"
-        ) from err
-    except (RuntimeError, EOFError, KeyError, ValueError) as err:
-        reason = (str(err).split(". ")[0].splitlines() or [type(err).__name__])[0][:200]  # torch's first sentence
-        raise ValueError(f"cannot read checkpoint {path}: truncated, or not a file written by torch.save ({reason})") from err
+        return torch.load(source or path, map_location=map_location, weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError) as err:
+        if "Unsupported global" in str(err):  # (weights_only met a class or function it would have to run)
+            raise ValueError(
+                f"{path} holds pickled objects other than tensors and plain containers, which are never run here; "
+                "re-save its weights as a plain state dict (torch.save(model.state_dict(), path))"
+            ) from err
+        reason = type(err).__name__ if isinstance(err, pickle.UnpicklingError) else (
+            str(err).split(". ")[0].splitlines() or [type(err).__name__])[0][:200]  # torch's first sentence
+        raise ValueError(f"cannot read {what} {path}: truncated, or not a file written by torch.save ({reason}){fix}") from err
 
 
 def _read_bytes(path):

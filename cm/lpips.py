@@ -5,13 +5,13 @@ vgg16-397923af.pth, from a given path, else the torch hub cache, else a download
 
 import importlib.util
 import os
-import pickle
 
 import torch
 import torch.nn as nn
 import torchvision
 
 from .checkpoints import state_dict_mismatch, weights_file
+from .dist_util import read_weight_file
 
 VGG16_URL = torchvision.models.VGG16_Weights.IMAGENET1K_V1.url
 VGG16_FILE = os.path.basename(VGG16_URL)  # vgg16-397923af.pth
@@ -34,7 +34,7 @@ def lpips_linear_weights():
     if spec is None:
         raise ModuleNotFoundError("LPIPS needs the `lpips` package for its linear weights: pip install lpips")
     path = os.path.join(spec.submodule_search_locations[0], "weights", "v0.1", "vgg.pth")
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    state_dict = read_weight_file(path, what="the lpips package's weights", fix="; reinstall it: pip install -I lpips")
     return [state_dict[f"lin{i}.model.1.weight"] for i in range(len(LPIPS_LAYERS))]
 
 
@@ -46,14 +46,9 @@ def vgg16_weights_path(vgg_weights=None):
 
 def load_vgg16_features(features, path):
     """Load the `features.*` entries of torchvision's VGG-16 state dict at `path` into `features`."""
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        state_dict = {k[len("features.") :]: v for k, v in state_dict.items() if k.startswith("features.")}
-    except (RuntimeError, EOFError, ValueError, AttributeError, pickle.UnpicklingError) as err:
-        raise ValueError(
-            f"cannot read LPIPS VGG-16 weights {path} (truncated, or not a state dict): {err}; "
-            f"fetch {VGG16_FILE} again from {VGG16_URL}"
-        ) from err
+    state_dict = read_weight_file(path, what="LPIPS VGG-16 weights", fix=f"; fetch {VGG16_FILE} again from {VGG16_URL}")
+    items = state_dict.items() if isinstance(state_dict, dict) else ()  # (not a dict: every key missing below)
+    state_dict = {k[len("features.") :]: v for k, v in items if k.startswith("features.")}
     problems = state_dict_mismatch(features, state_dict)
     if problems:
         raise ValueError(f"{path} is not torchvision's VGG-16 ({VGG16_FILE}): {'; '.join(problems)}")

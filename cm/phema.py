@@ -68,7 +68,7 @@ def gauss_legendre(nodes):
 
 def halflife_self_dot(t, halflife):
     k = math.log(2) / halflife
-    return k / 2 * (1 - math.exp(-2 * k * t))
+    return k / 2 * -math.expm1(-2 * k * t)
 
 
 def solve_weights(snap_t, snap_std, target_t, target_std=None, target_halflife=None):
@@ -88,4 +88,4 @@ def solve_weights(snap_t, snap_std, target_t, target_std=None, target_halflife=N
     x = np.linalg.lstsq(A, b, rcond=None)[0]
     x = x / x.sum()
     residual = max(float(x @ A @ x - 2 * x @ b + c), 0.0)
-    return x, math.sqrt(residual / c)
+    return x, math.sqrt(residual / c) if c > 0 else math.inf  # (c = 0: a target of no mass after time 0)

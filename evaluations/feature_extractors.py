@@ -17,13 +17,13 @@ and, where it is a classifier, `logits(pool)` gives its class scores (Inception 
 
 import contextlib
 import os
-import pickle
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from cm.checkpoints import file_sha256, state_dict_mismatch, weights_file
+from cm.dist_util import read_weight_file
 
 from .dinov2 import VITL14, DinoVisionTransformer
 
@@ -123,13 +123,7 @@ def inception_weights_path(inception_path=None):
 
 
 def load_inception_state_dict(path):
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        raise ValueError(
-            f"cannot read Inception weights {path} (truncated, or not a state dict): {err}; "
-            f"fetch {INCEPTION_FILE} again from {INCEPTION_URLS[0]}"
-        ) from err
+    state_dict = read_weight_file(path, what="Inception weights", fix=f"; fetch {INCEPTION_FILE} again from {INCEPTION_URLS[0]}")
     if not isinstance(state_dict, dict):
         raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state dict; expected {INCEPTION_FILE}")
     return state_dict
@@ -289,10 +283,8 @@ def load_digits_weights(model, path):
             f"digits classifier weights not found at {path}; make them with "
             "python evaluations/train_digits_classifier.py"
         )
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        raise ValueError(f"cannot read digits classifier weights {path}: {err}") from err
+    state_dict = read_weight_file(path, what="digits classifier weights",
+                              fix="; retrain with python evaluations/train_digits_classifier.py")
     problems = state_dict_mismatch(model, state_dict) if isinstance(state_dict, dict) else ["not a state dict"]
     if problems:
         raise ValueError(
@@ -417,10 +409,7 @@ def load_dinov2(path):
     parameters first), one clear error if the file is unreadable or of another network."""
     with torch.device("meta"):
         model = DinoVisionTransformer(**DINOV2_ARCH)
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        raise ValueError(f"cannot read the DINOv2 weights {path}: {err}") from err
+    state_dict = read_weight_file(path, what="the DINOv2 weights", fix=f"; fetch {DINOV2_FILE} again from {DINOV2_URLS[0]}")
     problems = state_dict_mismatch(model, state_dict) if isinstance(state_dict, dict) else ["not a state dict"]
     if problems:
         raise ValueError(f"{path} does not fit DINOv2 ViT-L/14 ({'; '.join(problems)}); expected {DINOV2_FILE} "

@@ -1,8 +1,13 @@
 """Power-function EMA (EDM2): the profile functions against their closed forms, the tracked average against the
 profile's exact weights, and post-hoc reconstruction from snapshots on a toy run with known parameters."""
 
+import errno
+import json
 import math
+import os
 import shlex
+import shutil
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -113,3 +118,85 @@ def test_reconstruct_script_returns_tracked_averages_writes_sampleable_files_and
         assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
     empty = run_in_process("reconstruct_ema", ["--run_dir", str(tmp_path), "--std", "0.1"], monkeypatch, capsys)
     assert empty.returncode == 1 and "--phema_std" in empty.stderr
+
+
+def write_snapshots(folder, steps=(2, 4, 6), stds=(0.05, 0.1), run_id=None, shape=(3,), batch=8):
+    """Toy phema_STD_NNNNNN.pt files as training writes them (the run id in their config unless None)."""
+    from cm.checkpoints import with_config
+
+    folder.mkdir(exist_ok=True)
+    for step in steps:
+        for std in stds:
+            config = {"phema": {"std": std, "step": step, "images": step * batch, "batch": batch}}
+            if run_id is not None:
+                config["run_id"] = run_id
+            state = with_config(OrderedDict(w=torch.full(shape, float(step))), config)
+            torch.save(state, folder / f"phema_{std}_{step:06d}.pt")
+    return folder
+
+
+def test_each_run_keeps_one_id_across_resumes_and_snapshots_of_two_runs_are_not_averaged(tmp_path, monkeypatch, capsys):
+    from cm.checkpoints import checkpoint_config
+
+    flags = TRAIN + " " + CT + " --save_interval 2 --log_interval 2 --phema_snapshot_interval 16"
+    a, b = tmp_path / "a", tmp_path / "b"
+    train("cm_train", flags + " --total_training_steps 2 --phema_std 0.1", a)
+    train("cm_train", flags + " --total_training_steps 4 --phema_std 0.1", a)  # resumed
+    train("cm_train", flags + " --total_training_steps 2 --phema_std 0.05", b)
+    ids = {}
+    for run in (a, b):
+        run_id = json.loads((run / "config.json").read_text())["run_id"]
+        stored = {checkpoint_config(torch.load(p, weights_only=True))["run_id"] for p in run.glob("phema_*.pt")}
+        assert stored == {run_id} and len(run_id) >= 8, (stored, run_id)
+        ids[run] = run_id
+    assert len(list(a.glob("phema_*.pt"))) == 4 and ids[a] != ids[b]
+    for p in b.glob("phema_*.pt"):
+        shutil.copy(p, a / p.name)
+    result = run_in_process("reconstruct_ema", ["--run_dir", str(a), "--std", "0.07"], monkeypatch, capsys)
+    assert result.returncode == 1 and ids[a] in result.stderr and ids[b] in result.stderr, result.stderr
+    assert "phema_0.05_000001.pt" in result.stderr and "phema_0.1_000001.pt" in result.stderr
+    assert "Traceback" not in result.stderr and not (a / "posthoc").exists()
+
+
+def test_snapshots_without_a_run_id_are_accepted_alone_and_never_mixed_with_other_runs_or_networks(
+        tmp_path, monkeypatch, capsys):
+    old = write_snapshots(tmp_path / "old")
+    load_script("reconstruct_ema").main(["--run_dir", str(old), "--std", "0.1"])
+    assert torch.load(old / "posthoc" / "posthoc_0.1_000006.pt", weights_only=True)["w"].tolist() == [6.0] * 3
+    cases = (
+        (write_snapshots(tmp_path / "ids", run_id="0123abcd", steps=(8,)), ("0123abcd", "no run id", "phema_0.05_000008.pt")),
+        (write_snapshots(tmp_path / "nets", shape=(4,), steps=(8,)), ("different networks", "w", "phema_0.05_000008.pt")),
+    )
+    for folder, words in cases:
+        write_snapshots(folder)  # with the old ones
+        result = run_in_process("reconstruct_ema", ["--run_dir", str(folder), "--std", "0.1"], monkeypatch, capsys)
+        assert result.returncode == 1 and all(w in result.stderr for w in words), result.stderr
+        assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1 and not (folder / "posthoc").exists()
+
+
+def test_reconstruct_refuses_non_finite_requests_skips_step_0_and_writes_nothing_on_a_full_disk(
+        tmp_path, monkeypatch, capsys):
+    run = write_snapshots(tmp_path / "run", steps=(0, 2, 4, 6))
+    (tmp_path / "file").write_text("x")
+    for argv, message in ((["--halflife_images", "nan"], "--halflife_images"), (["--halflife_images", "inf"], "--halflife_images"),
+                          (["--halflife_images", "1e300"], "cannot express half-life 1e+300 images"),
+                          (["--std", "0.1", "--max_error", "nan"], "--max_error"),
+                          (["--std", "0.1", "--max_error", "inf"], "--max_error"),
+                          (["--std", "0.1", "--out_dir", str(tmp_path / "file" / "out")], str(tmp_path / "file"))):
+        result = run_in_process("reconstruct_ema", ["--run_dir", str(run), *argv], monkeypatch, capsys)
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert not (run / "posthoc").exists()
+    load_script("reconstruct_ema").main(["--run_dir", str(run), "--std", "0.1", "--halflife_images", "20", "--max_error", "1"])
+    assert "skipped phema_0.1_000000.pt" in capsys.readouterr().out
+    assert torch.load(run / "posthoc" / "posthoc_0.1_000006.pt", weights_only=True)["w"].tolist() == [6.0] * 3
+
+    def disk_full(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    out = tmp_path / "out"
+    result = run_in_process("reconstruct_ema", ["--run_dir", str(run), "--std", "0.1", "--out_dir", str(out)], monkeypatch, capsys)
+    assert result.returncode == 1 and "No space left on device" in result.stderr and "posthoc_0.1_000006.pt" in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1 and os.listdir(out) == []
