@@ -15,7 +15,7 @@ import zipfile
 import torch
 
 from . import dist_util, logger
-from .atomic import atomic_write
+from .atomic import atomic_write, write_failure
 
 MODEL_FILE = re.compile(r"^model(\d{6,})\.pt$")
 
@@ -64,14 +64,43 @@ def checkpoint_config(state_dict):
 UNSEEN_FLAGS = ("c_noise", "double_norm")
 
 
+def stored_flag_changes(state_dict, flags, keys=UNSEEN_FLAGS):
+    """{key: stored value} of the `keys` on which `flags` (a dict) differ from the config stored in the checkpoint
+    (checkpoints without a stored config, or without the key, are not checked)."""
+    config = checkpoint_config(state_dict) or {}
+    return {k: config[k] for k in keys if k in config and k in flags and str(config[k]) != str(flags[k])}
+
+
+def flag_text(values):
+    return " ".join(f"--{k} {v}" for k, v in values.items())
+
+
 def check_stored_flags(state_dict, flags, path, keys=UNSEEN_FLAGS):
     """One clear error where `flags` (a dict) differ from the config stored in the checkpoint at `path`
-    on one of `keys` (checkpoints without a stored config, or without the key, are not checked)."""
+    on one of `keys` (stored_flag_changes)."""
+    wanted = stored_flag_changes(state_dict, flags, keys)
+    if wanted:
+        got = flag_text({k: flags[k] for k in wanted}) if len(wanted) > 1 else flags[next(iter(wanted))]
+        raise ValueError(f"{path} was trained with {flag_text(wanted)}; pass {flag_text(wanted)} (got {got})")
+
+
+def stored_training_mode(state_dict):
+    """The --training_mode a checkpoint of this project was trained with, from its stored config; None when it does
+    not say (published files, converted ones)."""
     config = checkpoint_config(state_dict) or {}
-    for key in keys:
-        if key in config and key in flags and str(config[key]) != str(flags[key]):
-            raise ValueError(f"{path} was trained with --{key} {config[key]}; pass --{key} {config[key]} "
-                             f"(got {flags[key]})")
+    if "training_mode" in config:
+        return config["training_mode"]
+    # a training run's config without a method is scripts/edm_train.py's (cm_train.py always stores one)
+    return "edm" if "data_dir" in config else None
+
+
+WEIGHT_FILE = re.compile(r"^(model|p?ema_.+_)(\d{6,})\.pt$")  # a run's model and (post-hoc) EMA files
+
+
+def newest_weight_files(folder):
+    """The weight files of a run folder's newest step as paths, its modelNNNNNN.pt (if any) first, then its EMAs."""
+    found = sorted((int(m.group(2)), m.group(1) != "model", n) for n in os.listdir(folder) if (m := WEIGHT_FILE.match(n)))
+    return [os.path.join(folder, n) for step, _, n in found if step == found[-1][0]]
 
 
 def state_dict_mismatch(model, state_dict, limit=10):
@@ -121,23 +150,23 @@ def load_model_weights(model, path, state_dict=None, what="checkpoint"):
 class CheckpointIO:
     """The checkpoints of one training run in `folder`, under the published file names.
 
-    `names(step)` lists the files one complete checkpoint consists of, the model file
+    `names(step)` lists the files of a checkpoint that today's flags write, the model file
     (modelNNNNNN.pt) last: it is written last, so a model file present means its checkpoint is
-    complete (the role of EDM2's CheckpointIO, with one file per network as published)."""
+    complete, whatever files today's flags add (the role of EDM2's CheckpointIO, with one file per
+    network as published)."""
 
     def __init__(self, folder, names):
         self.folder = folder
         self.names = names
 
     def newest(self):
-        """The model file of the newest complete checkpoint in the folder, or None. A checkpoint with a
-        file missing or cut short (no zip directory at its end: torch.save's files are zip archives) is
-        passed over, with a line in the log."""
+        """The model file of the newest complete checkpoint in the folder, or None. A file of it cut short
+        (no zip directory at its end: torch.save's files are zip archives) passes it over, with a line in
+        the log; a file it lacks is one that today's flags add (a new EMA rate): the loop starts that
+        from the resumed state, so that the run is never restarted from step 0 over its checkpoints."""
         steps = sorted((parse_resume_step_from_filename(f) for f in self._model_files()), reverse=True)
         for step in steps:
-            paths = [os.path.join(self.folder, n) for n in self.names(step)]
-            if not all(os.path.exists(p) for p in paths):
-                continue
+            paths = [p for p in (os.path.join(self.folder, n) for n in self.names(step)) if os.path.exists(p)]
             broken = [p for p in paths if not zipfile.is_zipfile(p)]
             if broken:
                 logger.log(f"passing over checkpoint {step:06d}: {broken[0]} is truncated or not a checkpoint")
@@ -187,7 +216,7 @@ class CheckpointIO:
                 try:
                     atomic_save(obj, path)
                 except (OSError, RuntimeError) as err:  # a full disk, a folder made read-only (torch.save's writer: RuntimeError)
-                    failure = f"could not write {path} ({getattr(err, 'strerror', None) or str(err).splitlines()[0]})"
+                    failure = write_failure(path, err)
                     break
             else:
                 logger.log(f"saved checkpoint {step:06d} in {self.folder}")

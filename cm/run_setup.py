@@ -1,6 +1,7 @@
 """What every training script does first: processes, run folder, seed, resolved config, batch size, data."""
 
 import json
+import math
 import os
 
 import torch
@@ -16,25 +17,53 @@ from .script_util import create_model_and_diffusion
 
 
 def check_training_flags(args, method_cls, model_kwargs):
-    """Every flag checked before the run folder is touched: the network and denoiser built on the meta device
-    (no memory, no weights) from `model_kwargs`, the method's flags, the averages and the optimizer's."""
+    """Every flag checked before the run folder is touched (start_run, once the precision and the processes are
+    known): the numbers, the network and denoiser built on the meta device (no memory, no weights) from
+    `model_kwargs`, the method's flags, the batch, the averages and the optimizer's."""
+    check_numbers(args)
     with torch.device("meta"):
         create_model_and_diffusion(**model_kwargs)
     method_cls.check_flags(args)
+    per_process_batch(args)
     ema_rates(args)
     optimizer_flags(args)
     phema_flags(args)
 
 
+POSITIVE = (lambda v: v > 0, "positive")
+NON_NEGATIVE = (lambda v: v >= 0, "0 or positive")
+FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+# the range of the number flags that have one and are not checked where they are used (sigma_min/max by the
+# denoiser, start_ema by the curriculum, the optimizer's in optimizer_flags, the lists by their parsers)
+NUMBER_RANGES = {
+    "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "lr_anneal_steps": NON_NEGATIVE, "log_interval": POSITIVE,
+    "fp16_scale_growth": NON_NEGATIVE, "dropout": FRACTION, "teacher_dropout": FRACTION, "fourier_scale": POSITIVE,
+    "p_std": POSITIVE, "ect_k": NON_NEGATIVE, "jvp_eps": POSITIVE, "tangent_norm_c": NON_NEGATIVE,
+    "tangent_warmup_steps": NON_NEGATIVE,
+}
+
+
+def check_numbers(args):
+    """Every number flag finite (argparse reads nan and inf) and in its NUMBER_RANGES range: one line naming it."""
+    for key, value in sorted(vars(args).items()):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        test, words = NUMBER_RANGES.get(key, (math.isfinite, "a finite number"))
+        if not (math.isfinite(value) and test(value)):
+            raise ValueError(f"--{key} must be {words}, got {value}")
+
+
 # flags whose change makes a resumed run a different run: the batch, the seed, the method, the network
 RUN_DEFINING_FLAGS = (
-    "global_batch_size", "batch_size", "seed", "training_mode", "image_size", "num_channels", "num_res_blocks",
+    "global_batch", "global_batch_size", "batch_size", "seed", "training_mode", "image_size", "num_channels", "num_res_blocks",
     "channel_mult", "attention_resolutions", "num_heads", "num_heads_upsample", "num_head_channels", "class_cond",
     "num_classes", "use_scale_shift_norm", "resblock_updown", "learn_sigma", "time_embed", "fourier_scale",
     "double_norm", "c_noise", "time_input",
 )
 # flags that say where and how a run is watched, not what it computes: changed without a word
 UNREPORTED_FLAGS = ("log_dir", "progress", "resume_checkpoint", "allow_config_change", "precision_reason", "device")
+# config entries that are not flags: what they are called in messages
+CONFIG_NAMES = {"global_batch": "the global batch (processes x per-process batch)"}
 
 
 def previous_config(folder):
@@ -51,34 +80,48 @@ def previous_config(folder):
 
 def check_config_change(previous, config, allowed):
     """Compare a resumed run's flags with those it was started with: a change of RUN_DEFINING_FLAGS is refused
-    in one line unless `allowed` (--allow_config_change); every change is written to the run's log."""
-    changed = {k: (previous[k], v) for k, v in config.items()
+    in one line unless `allowed` (--allow_config_change); returns the lines for the run's log, one per change."""
+    changed = {k: f"{CONFIG_NAMES.get(k, '--' + k)} {previous[k]} -> {v}" for k, v in config.items()
                if k in previous and k not in UNREPORTED_FLAGS and str(previous[k]) != str(v)}
-    defining = [k for k in changed if k in RUN_DEFINING_FLAGS]
+    defining = [text for k, text in changed.items() if k in RUN_DEFINING_FLAGS]
+    stds = [{float(v) for v in str(c.get("phema_std", "")).split(",") if v.strip()} for c in (previous, config)]
+    if stds[1] - stds[0]:
+        # a power-function EMA is an average from step 0; one begun now is another profile, and scripts/reconstruct_ema.py
+        # would fit its snapshots as if it were not
+        raise ValueError(f"--phema_std {','.join(map(str, sorted(stds[1] - stds[0])))} is new to the run in this --log_dir, "
+                         "whose post-hoc EMA averages began at step 0; drop it (removing one is fine), or start another "
+                         "--log_dir")
     if defining and not allowed:
-        what = ", ".join(f"--{k} {changed[k][0]} -> {changed[k][1]}" for k in defining)
-        raise ValueError(f"the run in this --log_dir was started with other flags ({what}), which would make the resumed "
-                         "run a different one; pass them as before, another --log_dir, or --allow_config_change True")
-    for key, (old, new) in changed.items():
-        logger.log(f"config change on resume: --{key} {old} -> {new}")
+        raise ValueError(f"the run in this --log_dir was started with other flags ({', '.join(defining)}), which would "
+                         "make the resumed run a different one; pass them as before, another --log_dir, or "
+                         "--allow_config_change True")
+    return [f"config change on resume: {text}" for text in changed.values()]
 
 
-def start_run(args):
-    """Join the process group, open the run folder, choose the precision (cm.precision), seed every
-    rank alike (identical initial weights), print the resolved config and save it as config.json
-    (a resumed run's changes checked and logged first); returns the config dict."""
+def start_run(args, method_cls, model_kwargs):
+    """Join the process group, choose the precision (cm.precision), check every flag (check_training_flags),
+    open the run folder (a resumed run's changes checked before anything is written there), seed every rank
+    alike (identical initial weights), print the resolved config with the global batch and save it as
+    config.json; returns the config dict."""
     dist_util.setup_dist(device=args.device or None, gpus_per_node=args.gpus_per_node or None)
+    notes = []  # for the log, once the folder is open
+    resolve_precision_args(args, dist_util.dev(), log=notes.append)
+    check_training_flags(args, method_cls, model_kwargs)
     folder = logger.run_dir(args.log_dir or None)
     lock_run_folder(folder)  # before anything is written there
     previous = previous_config(folder)  # (read by every rank before rank 0 writes the new one below)
+    torch.manual_seed(args.seed)
+    config = dict(vars(args), global_batch=per_process_batch(args) * dist_util.get_world_size())
+    run_id = new_run_id() if previous is None else previous.get("run_id")  # (runs from before ids have none)
+    if run_id:
+        config["run_id"] = run_id
+    if previous is not None:
+        notes += check_config_change(previous, config, args.allow_config_change)
     logger.configure(folder)
     for name in remove_stale_temporaries(folder):
         logger.log(f"removed {name}, left by a save that did not finish")
-    resolve_precision_args(args, dist_util.dev(), log=logger.log)
-    torch.manual_seed(args.seed)
-    config = dict(vars(args))
-    if previous is not None:
-        check_config_change(previous, config, args.allow_config_change)
+    for note in notes:
+        logger.log(note)
     logger.log("config: " + json.dumps(config, sort_keys=True, default=str))
     if dist_util.get_rank() == 0:
         text = json.dumps(config, indent=2, sort_keys=True, default=str)
@@ -86,18 +129,23 @@ def start_run(args):
     return config
 
 
-def per_process_batch(args):
-    """--batch_size, or --global_batch_size shared out over the processes."""
+def new_run_id():
+    """A random id, the same on every rank, made once when a run starts fresh and kept in config.json across
+    resumes: every file of the run carries it, and scripts/reconstruct_ema.py averages snapshots of one run only."""
+    raw = torch.tensor(list(os.urandom(6)), dtype=torch.int64, device=dist_util.dev())
+    return bytes(dist_util.broadcast_from_rank0(raw).tolist()).hex()
+
+
+def per_process_batch(args, world=None):
+    """--batch_size, or --global_batch_size shared out evenly over the `world` processes (default: this run's);
+    a global batch they cannot share evenly is refused, never rounded (the run's batch is its global batch)."""
     if args.batch_size > 0:
         return args.batch_size
-    world = dist_util.get_world_size()
-    if args.global_batch_size % world:
-        logger.log(f"warning: global batch {args.global_batch_size} is not divisible by {world} processes; "
-                   f"using {world * (args.global_batch_size // world)}")
-    batch = args.global_batch_size // world
-    if batch < 1:
-        raise ValueError(f"--global_batch_size {args.global_batch_size} is smaller than the {world} processes")
-    return batch
+    world = world or dist_util.get_world_size()
+    if args.global_batch_size < 1 or args.global_batch_size % world:
+        raise ValueError(f"--global_batch_size {args.global_batch_size} cannot be shared evenly by {world} "
+                         f"process(es); pass a positive multiple of {world}, or a per-process --batch_size")
+    return args.global_batch_size // world
 
 
 def training_data(args, batch_size):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import dist_util, logger
 from .atomic import atomic_write_text
-from .checkpoints import UNSEEN_FLAGS, check_stored_flags, load_model_weights
+from .checkpoints import UNSEEN_FLAGS, check_stored_flags, flag_text, load_model_weights, stored_flag_changes
 from .cli import add_dict_to_argparser, args_to_dict
 from .diffusers_convert import read_weights
 from .fast_paths import apply_fast_paths
@@ -31,7 +31,7 @@ from .image_io import save_npz, to_uint8_nhwc
 from .precision import resolve_precision_args
 from .random_util import get_generator
 from .samplers import karras_sample
-from .methods import parameterization, samples_with_boundary_condition
+from .methods import CONSISTENCY_SAMPLERS, KINDS, model_kind, parameterization, samples_with_boundary_condition, trained_kind
 from .script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from .trigflow import TrigFlowDenoiser, sample_trigflow
 
@@ -131,9 +131,35 @@ def trigflow_t_mid(args):
     return times
 
 
-def load_sampling_model(args):
-    """The model and its denoiser from the flags, weights loaded, on this rank's device, in eval mode,
-    its torso in the precision chosen for this device (cm.precision; resolved into the flags)."""
+def read_sampling_weights(args, sampler=None):
+    """The weights of --model_path (None without one), checked against the flags before the output folder is touched:
+    a file trained as another kind of model (cm.methods.KINDS, from its stored --training_mode; its time input and
+    UNSEEN_FLAGS likewise) or, given `sampler`, one its kind is not sampled with, is one line naming the flags to pass.
+    A file without a stored --training_mode (a published one) is checked on those flags it stores only."""
+    if not args.model_path:
+        return None
+    state = read_weights(args.model_path)
+    trained = trained_kind(state)
+    kind = trained[1] if trained else model_kind(args.training_mode)
+    keys = UNSEEN_FLAGS + (("time_input",) if kind == "trigflow" else ())
+    if trained is None:
+        check_stored_flags(state, vars(args), args.model_path, keys)
+        return state
+    wanted = stored_flag_changes(state, vars(args), keys)
+    if kind != model_kind(args.training_mode):
+        wanted = {"training_mode": trained[0], **wanted}
+    if sampler is not None and (sampler in CONSISTENCY_SAMPLERS) != (kind != "denoiser"):
+        wanted["sampler"] = "heun" if kind == "denoiser" else "onestep"
+    if wanted:
+        raise ValueError(f"{args.model_path} was trained as --training_mode {trained[0]}, {KINDS[kind]}; pass "
+                         f"{flag_text(wanted)} (got {flag_text({k: getattr(args, k) for k in wanted})})")
+    return state
+
+
+def load_sampling_model(args, state=None):
+    """The model and its denoiser from the flags, weights loaded (`state`, read by read_sampling_weights, or read
+    here), on this rank's device, in eval mode, its torso in the precision chosen for this device (cm.precision;
+    resolved into the flags)."""
     resolve_precision_args(args, dist_util.dev(), log=logger.log)
     # every consistency model uses the boundary-condition scalings; EDM models do not
     distillation = samples_with_boundary_condition(args.training_mode)
@@ -144,10 +170,7 @@ def load_sampling_model(args):
         diffusion = TrigFlowDenoiser(diffusion.sigma_data, args.time_input, diffusion.sigma_max, diffusion.c_noise)
     if args.model_path:
         logger.log(f"loading {args.model_path}")
-        state = read_weights(args.model_path)
-        trigflow_flags = ("time_input",) if parameterization(args.training_mode) == "trigflow" else ()
-        check_stored_flags(state, vars(args), args.model_path, UNSEEN_FLAGS + trigflow_flags)
-        load_model_weights(model, args.model_path, state)
+        load_model_weights(model, args.model_path, read_sampling_weights(args) if state is None else state)
     else:
         logger.log("no --model_path: sampling from a randomly initialised model (pipeline smoke test)")
     model.to(dist_util.dev())
@@ -245,12 +268,17 @@ def generate_samples(
     device = dist_util.dev()
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     images, labels, done = [], [], 0
-    if shard_dir is not None and rank == 0:
-        images, labels, done = read_shards(shard_dir, settings)
-        os.makedirs(shard_dir, exist_ok=True)
-        atomic_write_text(os.path.join(shard_dir, "settings.json"), json.dumps(settings, sort_keys=True))
-        if done:
-            logger.log(f"resuming after {done} samples in {shard_dir}")
+    if shard_dir is not None:
+        if rank == 0:
+            images, labels, done = read_shards(shard_dir, settings)
+            if done:
+                logger.log(f"resuming after {done} samples in {shard_dir}")
+
+        def write_settings():
+            os.makedirs(shard_dir, exist_ok=True)
+            atomic_write_text(os.path.join(shard_dir, "settings.json"), json.dumps(settings, sort_keys=True))
+
+        write_on_rank0(shard_dir, write_settings)
     done = int(dist_util.broadcast_from_rank0(torch.tensor(done, device=device)).item())
 
     gen = get_generator(generator, num_samples, seed)
@@ -279,15 +307,29 @@ def generate_samples(
         if rank == 0:
             images.append(round_images[:count])
             labels.append(None if round_labels is None else round_labels[:count])
-            if shard_dir is not None:
-                arrays = [images[-1]] + ([labels[-1]] if class_cond else [])
-                save_npz(os.path.join(shard_dir, f"shard_{round_start:09d}_{count:09d}.npz"), *arrays)
+        if shard_dir is not None:
+            shard = os.path.join(shard_dir, f"shard_{round_start:09d}_{count:09d}.npz")
+            write_on_rank0(shard, lambda: save_npz(shard, images[-1], *([labels[-1]] if class_cond else [])))
         bar.update(count)
         bar.set_postfix(img_per_s=f"{(bar.n - start_done) / max(time.time() - start_time, 1e-9):.2f}")
     bar.close()
     if rank != 0:
         return None, None
     return np.concatenate(images), (np.concatenate(labels) if class_cond else None)
+
+
+def write_on_rank0(where, write):
+    """write() on rank 0; an OSError there (a full disk, a folder made read-only) stops every rank with one line
+    naming `where` (the writes are atomic, cm.atomic: nothing half-written is left; finished rounds are kept)."""
+    failure = ""
+    if dist_util.get_rank() == 0:
+        try:
+            write()
+        except OSError as err:
+            failure = f"could not write {where} ({err.strerror or err})"
+    if dist_util.broadcast_from_rank0(torch.tensor([float(bool(failure))], device=dist_util.dev())).item():
+        raise ValueError(f"{failure or 'rank 0 could not write ' + where}; make room and run the same command again: "
+                         "it continues after its last finished round")
 
 
 def finish_shards(shard_dir):

@@ -104,10 +104,18 @@ def parse_channel_mult(channel_mult, image_size):
     return tuple(channel_mult)
 
 
-def parse_attention_resolutions(attention_resolutions, image_size):
-    """Pixel resolutions ("32,16,8") to the downsample rates the U-Net checks (2, 4, 8 at 64x64)."""
+def parse_attention_resolutions(attention_resolutions, image_size, levels=None):
+    """Pixel resolutions ("32,16,8") to the downsample rates the U-Net checks (2, 4, 8 at 64x64). Given the
+    network's number of resolution `levels`, a resolution it does not have (no attention at all) is refused."""
     if isinstance(attention_resolutions, str):
         attention_resolutions = [int(r) for r in attention_resolutions.split(",") if r.strip()]
+    if levels is not None:
+        has = [image_size // 2**level for level in range(levels)]
+        wrong = [str(r) for r in attention_resolutions if int(r) not in has]
+        if wrong:
+            raise ValueError(f"--attention_resolutions {','.join(wrong)}: a {image_size}x{image_size} network with "
+                             f"{levels} levels (--channel_mult) has the resolutions {','.join(map(str, has))}; "
+                             "choose among them")
     return tuple(image_size // int(r) for r in attention_resolutions)
 
 
@@ -144,7 +152,7 @@ def create_model(
         model_channels=num_channels,
         out_channels=6 if learn_sigma else 3,
         num_res_blocks=num_res_blocks,
-        attention_resolutions=parse_attention_resolutions(attention_resolutions, image_size),
+        attention_resolutions=parse_attention_resolutions(attention_resolutions, image_size, len(mult)),
         dropout=dropout,
         channel_mult=parse_channel_mult(channel_mult, image_size),
         num_classes=num_classes if class_cond else None,

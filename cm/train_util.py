@@ -266,14 +266,18 @@ class TrainLoop:
         opt_path = companion(path, f"opt{step:06d}.pt")
         if opt_path:
             self.opt.load_state_dict(self.checkpoints.load(opt_path, map_location=self.device))
+        else:
+            logger.log(f"no opt{step:06d}.pt beside {path}: the optimizer starts afresh")
         averages = [(f"ema_{rate}_{step:06d}.pt", p) for rate, p in zip(self.ema_rate, self.ema.params)]
         averages += [(f"phema_{std}_{step:06d}.pt", p) for std, p in zip(self.phema_std, self.phema.params)]
         for name, params in averages:
             ema_path = companion(path, name)
             if ema_path:
                 state = self.checkpoints.load(ema_path, map_location=self.device)
-                for p, (name, _) in zip(params, self.model.named_parameters()):
-                    p.copy_(state[name])
+                for p, (key, _) in zip(params, self.model.named_parameters()):
+                    p.copy_(state[key])
+            else:  # a rate or std new to this run (or a bare model file resumed)
+                logger.log(f"no {name} beside {path}: that average starts from the resumed model weights")
         state_path = companion(path, f"train_state{step:06d}.pt")
         if state_path:
             state = self.checkpoints.load(state_path, map_location="cpu")
@@ -400,14 +404,15 @@ class TrainLoop:
         """Refuse to save weights that break the model. A finite loss at the last step says nothing of the
         update taken after it, which can carry the weights to where the forward pass is inf/NaN: so the
         weights about to be saved are run once more (no gradient, the RNG forked so the run's random stream
-        is untouched) on the last step's first microbatch, with the same noise."""
+        is untouched) on the last step's first microbatch, with the same noise and the same step's settings (a
+        draw of step k fits step k's loss only: progressive distillation halves its grid between steps)."""
         self._check_finite()
         if self.precision.mode == "fp16" or self.last_inputs is None:
             return  # fp16 skips the steps whose gradients overflow instead
         batch, cond, random_rows = self.last_inputs
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             with torch.no_grad(), self.precision.autocast(self.device):
-                loss = self.method.losses(self.model, batch, cond, random_rows, self.step)["loss"].float().mean()
+                loss = self.method.losses(self.model, batch, cond, random_rows, self.step - 1)["loss"].float().mean()
         if dist_util.all_reduce_mean((~torch.isfinite(loss)).float()).item() > 0:  # every rank stops, or none
             raise NonFiniteLossError(
                 f"the update of step {self.step} made the loss inf/NaN, so its checkpoint was not saved and the "

@@ -10,7 +10,7 @@ from cm import dist_util, logger
 from cm.cli import add_dict_to_argparser, args_to_dict, run_cli
 from cm.config import parse_args_with_config
 from cm.methods import EDM
-from cm.run_setup import check_training_flags, loop_kwargs, per_process_batch, start_run, training_data
+from cm.run_setup import loop_kwargs, per_process_batch, start_run, training_data
 from cm.script_util import create_model_and_diffusion, model_and_diffusion_defaults, train_defaults
 from cm.train_util import TrainLoop
 
@@ -18,8 +18,7 @@ from cm.train_util import TrainLoop
 def main(argv=None):
     args = parse_args_with_config(create_argparser(), argv, "edm_train.py")
     model_kwargs = args_to_dict(args, model_and_diffusion_defaults().keys())
-    check_training_flags(args, EDM, model_kwargs)
-    config = start_run(args)
+    config = start_run(args, EDM, model_kwargs)  # checks every flag first
     logger.log("creating model and diffusion...")
     model, diffusion = create_model_and_diffusion(**model_kwargs)
     model.to(dist_util.dev()).train()

@@ -52,6 +52,7 @@ from cm.sample_util import (
     in_global_order,
     load_sampling_model,
     parse_int_list,
+    read_sampling_weights,
     round_sizes,
     sampling_argparser,
 )
@@ -150,6 +151,7 @@ def main(argv=None):
     dist_util.setup_dist(device=args.device or None)
     device = dist_util.dev()
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    state = read_sampling_weights(args)  # (a file of another kind: refused before the run folder is made)
     logger.configure(args.log_dir or None)
     if num < args.num_images:
         logger.log(f"warning: {args.data_dir} has {num} images; editing all of them, not {args.num_images}")
@@ -157,7 +159,7 @@ def main(argv=None):
         logger.log(f"--ts {','.join(map(str, ts))} (default for --task {args.task}, --steps {args.steps})")
     if ts[-1] != args.steps - 1:
         logger.log(f"warning: --ts ends before the last grid index {args.steps - 1}; the results keep some noise")
-    model, diffusion = load_sampling_model(args)
+    model, diffusion = load_sampling_model(args, state)
     if parameterization(args.training_mode) == "trigflow":  # sCM models edit in EDM's noise levels
         diffusion = SigmaView(diffusion, args.sigma_min)  # (rho 7, the grid of --ts)
 

@@ -12,16 +12,19 @@ from cm import dist_util, logger
 from cm.checkpoints import file_sha256
 from cm.config import parse_args_with_config
 from cm.image_io import save_grid, save_npz
+from cm.run_folder import lock_run_folder, release_run_folder
 from cm.sample_util import (
     SAMPLE_SETTINGS,
     check_sampling_args,
     finish_shards,
     generate_samples,
     load_sampling_model,
+    read_sampling_weights,
     sample_kwargs,
     sampling_argparser,
     sampling_seeds,
     trigflow_t_mid,
+    write_on_rank0,
 )
 from cm.cli import run_cli
 
@@ -30,10 +33,13 @@ def main(argv=None):
     args = parse_args_with_config(create_argparser(), argv, "image_sample.py")
     ts, class_labels = check_sampling_args(args)
     t_mid = trigflow_t_mid(args)
-    dist_util.setup_dist(device=args.device or None)
-    logger.configure(args.log_dir or None)
     seeds = sampling_seeds(args)
-    model, diffusion = load_sampling_model(args)
+    dist_util.setup_dist(device=args.device or None)
+    state = read_sampling_weights(args, args.sampler)  # (before the output folder is touched)
+    folder = logger.run_dir(args.log_dir or None)
+    lock_run_folder(folder)  # one sampling run per folder: two would write the same shards
+    logger.configure(folder)
+    model, diffusion = load_sampling_model(args, state)
     # partial rounds are kept for the model's contents, not its path (a replaced file starts over)
     model_hash = file_sha256(args.model_path) if args.model_path and dist_util.get_rank() == 0 else ""
 
@@ -47,14 +53,17 @@ def main(argv=None):
             class_cond=args.class_cond, num_classes=args.num_classes, class_labels=class_labels, shard_dir=shard_dir,
             settings=settings, t_mid=t_mid, **sample_kwargs(args),
         )
-        if dist_util.get_rank() == 0:
+
+        def save():
             path = os.path.join(out_dir, f"samples_{'x'.join(str(s) for s in images.shape)}.npz")
             save_npz(path, *([images] + ([labels] if args.class_cond else [])))
             # with fixed labels, one column per label
             save_grid(images[:64], os.path.join(out_dir, "samples_grid.png"), nrow=len(class_labels) or None)
             finish_shards(shard_dir)
             logger.log(f"saved {path} and samples_grid.png")
-        dist_util.barrier()
+
+        write_on_rank0(out_dir, save)
+    release_run_folder(folder)
 
 
 def create_argparser():

@@ -23,19 +23,24 @@ def cm_train(log_dir, monkeypatch, capsys, extra=""):
     return run_in_process("cm_train", argv, monkeypatch, capsys)
 
 
-def test_a_folder_in_use_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path, monkeypatch, capsys):
-    folder = tmp_path / "run"
+def refused_while_held(folder, run):
+    """run(folder) while a live process holds `folder`'s lock: refused in one line naming it, nothing written."""
     folder.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (folder / LOCK_NAME).write_text(f"{socket.gethostname()} {holder.pid}")
-        result = cm_train(folder, monkeypatch, capsys)
-        assert result.returncode == 1 and "Traceback" not in result.stderr
+        result = run(folder)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         assert f"in use by process {holder.pid}" in result.stderr and "--log_dir" in result.stderr
         assert sorted(os.listdir(folder)) == [LOCK_NAME]  # nothing written: no config.json, no log
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_folder_in_use_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "run"
+    refused_while_held(folder, lambda f: cm_train(f, monkeypatch, capsys))
     # the holder is gone (as a SIGKILL leaves it): the next run takes the folder over
     train("cm_train", TRAIN + " " + CT + " --total_training_steps 2 --save_interval 2", folder)
     assert (folder / "model000002.pt").exists() and not (folder / LOCK_NAME).exists()  # released at exit
@@ -56,6 +61,15 @@ def test_resuming_never_overwrites_checkpoints_of_another_history(tmp_path, monk
     assert (tmp_path / "finetune" / "model000002.pt").exists()
 
 
+def test_a_global_batch_the_processes_cannot_share_evenly_is_refused():
+    from cm.run_setup import per_process_batch
+
+    flags = SimpleNamespace(batch_size=-1, global_batch_size=9)
+    with pytest.raises(ValueError, match="--global_batch_size 9 cannot be shared evenly by 2 process"):
+        per_process_batch(flags, world=2)  # (not rounded down to 8)
+    assert per_process_batch(flags, world=3) == 3
+
+
 def test_temporaries_of_other_processes_are_removed(tmp_path):
     for name in ("model000015.tmp999.pt", "config.tmp12.json", f"ema.tmp{os.getpid()}.pt", "model000015.pt"):
         (tmp_path / name).write_bytes(b"x")
@@ -71,6 +85,12 @@ def test_temporaries_of_other_processes_are_removed(tmp_path):
     ("--scale_mode progressive --target_ema_mode adaptive --start_scales 40 --end_scales 2", "--start_scales <= --end_scales"),
     ("--total_training_steps 0", "--total_training_steps must be at least 1"),
     ("--image_size 17", "--image_size 17 cannot be halved 1 times"),
+    ("--jvp_eps 0", "--jvp_eps must be positive, got 0.0"),
+    ("--p_std nan", "--p_std must be positive, got nan"),
+    ("--huber_c inf", "--huber_c must be a finite number, got inf"),
+    ("--attention_resolutions 3", "--attention_resolutions 3: a 16x16 network with 2 levels (--channel_mult) has the "
+     "resolutions 16,8"),
+    ("--training_mode continuous_consistency_training --precision fp16", "fp16 is refused"),  # (known once resolved)
 ])
 def test_nonsense_training_flags_are_refused_before_the_folder_is_touched(extra, message, tmp_path, monkeypatch, capsys):
     result = cm_train(tmp_path / "run", monkeypatch, capsys, extra)
@@ -83,6 +103,7 @@ def test_nonsense_training_flags_are_refused_before_the_folder_is_touched(extra,
     ("--sampler multistep --steps 40 --ts 0,3,3", "--ts must be two or more increasing"),
     ("--sampler multistep --steps 40 --ts 0,40", "--ts must be two or more increasing"),
     ("--training_mode nonsense --sampler onestep", "unknown --training_mode nonsense"),
+    ("--sampler onestep --attention_resolutions 16,3", "--attention_resolutions 3: a 16x16 network"),
 ])
 def test_nonsense_sampling_flags_get_one_line(extra, message, tmp_path, monkeypatch, capsys):
     argv = [*shlex.split(TINY_FLAGS + " --training_mode consistency_training " + extra), "--log_dir", str(tmp_path)]
@@ -162,6 +183,25 @@ def test_a_pickled_program_is_refused_without_advising_to_run_it(tmp_path, monke
     assert "weights_only=False" not in result.stderr and "Traceback" not in result.stderr
 
 
+def test_every_weight_reader_refuses_a_pickled_program_in_the_same_line(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from cm.lpips import load_vgg16_features
+    from evaluations.feature_extractors import load_dinov2, load_inception_state_dict
+
+    path = tmp_path / "phema_0.1_000002.pt"
+    torch.save({"weights": SimpleNamespace(x=1)}, path)
+    result = run_in_process("reconstruct_ema", ["--run_dir", str(tmp_path), "--std", "0.1"], monkeypatch, capsys)
+    messages = [result.stderr]
+    for read in (lambda: load_vgg16_features(None, str(path)), lambda: load_inception_state_dict(str(path)),
+                 lambda: load_dinov2(str(path))):
+        with pytest.raises(ValueError) as err:
+            read()
+        messages.append(str(err.value))
+    for message in messages:
+        assert f"{path} holds pickled objects" in message and "weights_only=False" not in message, message
+
+
 def test_a_resume_with_other_run_defining_flags_is_refused_and_other_changes_are_logged(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     train("cm_train", TRAIN + " " + CT + " --total_training_steps 2 --save_interval 2", run)
@@ -176,6 +216,39 @@ def test_a_resume_with_other_run_defining_flags_is_refused_and_other_changes_are
     log = (run / "log.txt").read_text()
     assert "config change on resume: --lr 0.0002 -> 0.0001" in log and "config change on resume: --seed 0 -> 1" in log
     assert (run / "model000004.pt").exists()
+
+
+SCT = "--training_mode continuous_consistency_training"
+
+
+@pytest.mark.parametrize("first, then, new", [
+    (CT, CT + " --ema_rate 0.9,0.99,0.999", "ema_0.999_"),
+    (SCT + " --scm_weighting prior", SCT + " --scm_weighting adaptive", "scm_weight"),
+], ids=["ema_rate", "scm_weighting"])
+def test_a_resume_with_other_averages_or_weighting_continues_the_run(first, then, new, tmp_path):
+    import torch
+
+    run, small = tmp_path / "run", f"{TRAIN} --global_batch_size 4 --save_interval 1"
+    train("cm_train", f"{small} {first} --total_training_steps 1", run)
+    before = {f.name: f.read_bytes() for f in run.glob("*.pt")}
+    train("cm_train", f"{small} {then} --total_training_steps 2", run)
+    assert {name: (run / name).read_bytes() for name in before} == before  # the first run's files (a removed std's too)
+    log = (run / "log.txt").read_text()
+    assert f"resuming from {run / 'model000001.pt'}" in log and (run / f"{new}000002.pt").exists()
+    assert any(f"{new}000001.pt" in line and "starts" in line for line in log.splitlines()), log
+    assert torch.load(run / "train_state000002.pt", weights_only=True)["step"] == 2
+
+
+def test_a_resume_with_an_added_phema_std_is_refused_and_a_removed_one_is_kept(tmp_path, monkeypatch, capsys):
+    run, small = tmp_path / "run", f"{TRAIN} --global_batch_size 4 --save_interval 1"
+    train("cm_train", f"{small} {CT} --phema_std 0.05,0.1 --total_training_steps 1", run)
+    before = {f.name: f.read_bytes() for f in run.iterdir() if f.name != "run.lock"}
+    argv = [*shlex.split(f"{small} {CT} --phema_std 0.05,0.2 --total_training_steps 2"), "--log_dir", str(run)]
+    result = run_in_process("cm_train", argv, monkeypatch, capsys)
+    assert result.returncode == 1 and "--phema_std 0.2 is new to the run" in result.stderr and "Traceback" not in result.stderr
+    assert {f.name: f.read_bytes() for f in run.iterdir() if f.name != "run.lock"} == before  # nothing written
+    train("cm_train", f"{small} {CT} --phema_std 0.05 --total_training_steps 2", run)
+    assert (run / "phema_0.05_000002.pt").exists() and (run / "phema_0.1_000001.pt").read_bytes() == before["phema_0.1_000001.pt"]
 
 
 def test_an_unwritable_folder_and_a_failed_save_get_one_line(tmp_path, monkeypatch, capsys):
@@ -203,12 +276,18 @@ def test_an_unwritable_folder_and_a_failed_save_get_one_line(tmp_path, monkeypat
 def test_folders_given_as_model_files_are_named_plainly(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "model000002.pt").write_bytes(b"")
     argv = [*shlex.split(TINY_FLAGS + " --training_mode consistency_training --sampler onestep --num_samples 2"),
             "--model_path", str(run), "--log_dir", str(tmp_path / "s")]
     result = run_in_process("image_sample", argv, monkeypatch, capsys)
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert "is a folder but not a diffusers pipeline" in result.stderr and "pass a .pt model file (this one holds model000002.pt" in result.stderr
+    assert result.returncode == 1 and f"{run} is a folder with no checkpoints (modelNNNNNN.pt" in result.stderr, result.stderr
+    for name in ("model000002.pt", "model000010.pt", "opt000010.pt", "target_model000010.pt", "ema_0.9_000010.pt",
+                 "ema_0.99_000010.pt", "ema_0.9_000002.pt"):
+        (run / name).write_bytes(b"")
+    result = run_in_process("image_sample", argv, monkeypatch, capsys)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "diffusers" not in result.stderr, result.stderr
+    assert (f"{run} is a run folder, not a model file; pass its newest model file {run / 'model000010.pt'} or an EMA "
+            f"({run / 'ema_0.99_000010.pt'}, {run / 'ema_0.9_000010.pt'})") in result.stderr
+    assert not (tmp_path / "s").exists()
     for path in ("./nowhere/ct64", str(tmp_path / "nowhere")):
         result = run_in_process("convert_from_diffusers", ["--diffusers_path", path, "--output", str(tmp_path / "c.pt")],
                                 monkeypatch, capsys)
@@ -227,3 +306,88 @@ def test_cm_traceback_shows_the_traceback(monkeypatch, capsys):
     monkeypatch.setenv("CM_TRACEBACK", "1")
     with pytest.raises(PermissionError):
         run_cli(denied)
+
+
+SAMPLE = TINY_FLAGS + " --num_samples 2 --batch_size 2 --steps 4"
+
+
+def sample_run(extra, log_dir, monkeypatch, capsys):
+    argv = [*shlex.split(SAMPLE + " " + extra), "--log_dir", str(log_dir)]
+    return run_in_process("image_sample", argv, monkeypatch, capsys)
+
+
+def test_a_checkpoint_is_sampled_and_distilled_only_as_the_kind_it_was_trained_as(tmp_path, edm_teacher, monkeypatch, capsys):
+    import torch
+
+    from cm.checkpoints import with_config
+    from cm.script_util import create_model_and_diffusion
+
+    from conftest import randomize, tiny_config
+
+    model, _ = create_model_and_diffusion(**tiny_config())
+    sct = tmp_path / "sct.pt"
+    config = {"training_mode": "continuous_consistency_training", "time_input": "identity", "double_norm": True,
+              "data_dir": "digits"}
+    torch.save(with_config(randomize(model).state_dict(), config), sct)
+    edm = edm_teacher / "model000030.pt"  # scripts/edm_train.py's: its config names no --training_mode
+    refused = [
+        (f"--model_path {sct} --training_mode consistency_training --double_norm True --sampler onestep",
+         f"{sct} was trained as --training_mode continuous_consistency_training, an sCM TrigFlow model",
+         "pass --training_mode continuous_consistency_training --time_input identity (got --training_mode "
+         "consistency_training --time_input edm)"),
+        (f"--model_path {edm} --training_mode consistency_training --sampler onestep",
+         f"{edm} was trained as --training_mode edm, an EDM-style denoiser", "pass --training_mode edm --sampler heun"),
+        (f"--model_path {edm} --training_mode edm --sampler multistep --ts 0,3", "denoiser", "pass --sampler heun"),
+    ]
+    for i, (extra, trained, fix) in enumerate(refused):
+        result = sample_run(extra, tmp_path / f"s{i}", monkeypatch, capsys)
+        assert result.returncode == 1 and trained in result.stderr and fix in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / f"s{i}").exists()
+    for i, extra in enumerate((f"--model_path {sct} --training_mode continuous_consistency_training --time_input identity --double_norm True --sampler onestep",
+                               f"--model_path {edm} --training_mode edm --sampler heun")):
+        load_script("image_sample").main([*shlex.split(SAMPLE + " " + extra), "--log_dir", str(tmp_path / f"ok{i}")])
+        assert (tmp_path / f"ok{i}" / "samples_2x16x16x3.npz").exists()
+    # an sCT model is no sCD teacher (nor a CD one): the teacher must be a denoiser
+    argv = [*shlex.split(TRAIN + " --training_mode continuous_consistency_distillation --double_norm True "
+                         f"--total_training_steps 1 --teacher_model_path {sct}"), "--log_dir", str(tmp_path / "scd")]
+    result = run_in_process("cm_train", argv, monkeypatch, capsys)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"--teacher_model_path {sct} was trained as --training_mode continuous_consistency_training" in result.stderr
+    assert "a teacher is a denoiser" in result.stderr and not (tmp_path / "scd" / "model000001.pt").exists()
+
+
+def test_refused_sampling_seeds_leave_no_folder(tmp_path, monkeypatch, capsys):
+    for seeds, message in (("1,1", "--seeds repeats a seed"), ("1,x", "--seeds must be comma-separated integers")):
+        result = sample_run(f"--seeds {seeds}", tmp_path / "s", monkeypatch, capsys)
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert not (tmp_path / "s").exists()
+
+
+def test_sampling_onto_a_full_disk_stops_in_one_line_and_a_rerun_finishes(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import numpy as np
+
+    real_savez, calls = np.savez, []
+
+    def disk_full_at_the_final_batch(file, *arrays):
+        calls.append(file)
+        if len(calls) == 3:  # after the two rounds' shards
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_savez(file, *arrays)
+
+    monkeypatch.setattr(np, "savez", disk_full_at_the_final_batch)
+    out = tmp_path / "s"
+    result = sample_run("--batch_size 1", out, monkeypatch, capsys)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"could not write {out} (No space left on device); make room and run the same command again" in result.stderr
+    assert sorted(os.listdir(out / "samples_partial")) == ["settings.json", "shard_000000000_000000001.npz",
+                                                          "shard_000000001_000000001.npz"]
+    assert not list(out.glob("*.npz")) and not list(out.rglob("*.tmp*"))  # nothing half-written
+    monkeypatch.setattr(np, "savez", real_savez)
+    load_script("image_sample").main([*shlex.split(SAMPLE + " --batch_size 1"), "--log_dir", str(out)])
+    assert (out / "samples_2x16x16x3.npz").exists() and not (out / "samples_partial").exists()
+
+
+def test_a_sampling_folder_in_use_is_refused(tmp_path, monkeypatch, capsys):
+    refused_while_held(tmp_path / "s", lambda f: sample_run("", f, monkeypatch, capsys))

@@ -16,6 +16,7 @@ import torch
 from cm.image_datasets import load_digits_arrays
 from cm.script_util import create_model_and_diffusion
 from cm.checkpoints import checkpoint_config
+from cm.run_folder import LOCK_NAME
 from cm.train_util import Precision
 
 from conftest import tiny_config
@@ -99,6 +100,17 @@ def test_cd_run_from_the_teacher_lowers_the_loss(edm_teacher, tmp_path):
     assert checkpoint_config(model)["training_mode"] == "consistency_distillation"
 
 
+def test_progdist_saves_at_a_stage_boundary_with_the_student_as_the_new_teacher(edm_teacher, tmp_path):
+    # N halves after step 2 (4 -> 2), where the checkpoint is saved: its check before saving runs the last step's draw
+    # (indices of the 4-step grid) with that step's settings, and the teacher saved is the student of that moment
+    train("cm_train", TRAIN + f" --training_mode progdist --teacher_model_path {edm_teacher / 'model000030.pt'} "
+          "--loss_norm l2 --scale_mode progdist --start_scales 4 --distill_steps_per_iter 2 --total_training_steps 2 "
+          "--save_interval 2", tmp_path)
+    saved = state(tmp_path, 2, names=("model", "teacher_model"))
+    assert_same({"model": saved["teacher_model"]}, {"model": saved["model"]})
+    assert not torch.equal(saved["model"]["out.2.weight"], torch.load(edm_teacher / "model000030.pt", weights_only=True)["out.2.weight"])
+
+
 def test_ct_run_lowers_the_loss(tmp_path):
     flags = TRAIN.replace("--lr 2e-4", "--lr 1e-3") + " " + CT + " --total_training_steps 30 --log_interval 10 --save_interval 30"
     train("cm_train", flags, tmp_path)
@@ -159,15 +171,23 @@ LAUNCHERS = {
 
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
-def test_two_processes_take_the_same_steps_as_one(tmp_path, launcher):
+def test_two_processes_take_the_same_steps_as_one(tmp_path, launcher, monkeypatch, capsys):
     if shutil.which(launcher) is None:
         pytest.skip(f"{launcher} not installed")
     flags = TRAIN + " " + CT + " --total_training_steps 6 --log_interval 3 --save_interval 6"
     one = run([sys.executable, "scripts/cm_train.py", *shlex.split(flags), "--log_dir", str(tmp_path / "one")])
-    two = run([*LAUNCHERS[launcher], "scripts/cm_train.py", *shlex.split(flags), "--log_dir", str(tmp_path / "two")])
+    per_process = shlex.split(flags + " --batch_size 8") + ["--log_dir", str(tmp_path / "two")]  # 2 x 8: the global 16
+    two = run([*LAUNCHERS[launcher], "scripts/cm_train.py", *per_process])
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     assert_same(state(tmp_path / "one", 6), state(tmp_path / "two", 6), atol=1e-6)
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-5)
+    # the same command on one process would go on at a global batch of 8: the stored global batch is compared
+    files = {f: (tmp_path / "two" / f).read_bytes() for f in os.listdir(tmp_path / "two")}
+    result = run_in_process("cm_train", per_process[:-2] + ["--total_training_steps", "8"] + per_process[-2:], monkeypatch,
+                            capsys)
+    assert result.returncode == 1 and "the global batch (processes x per-process batch) 16 -> 8" in result.stderr
+    after = {f: (tmp_path / "two" / f).read_bytes() for f in os.listdir(tmp_path / "two") if f != LOCK_NAME}
+    assert after == files  # (the lock is this process's, given back at its exit)
 
 
 def test_processes_leave_their_group_and_exit_cleanly():

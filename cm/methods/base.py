@@ -8,12 +8,6 @@ the scalings it trains and samples with, the flags it needs and the flag values 
 """
 
 
-def check_positive_p_std(args):
-    """The lognormal noise levels of iCT, ECT and sCM need P_std > 0."""
-    if args.p_std <= 0:
-        raise ValueError(f"--p_std must be positive, got {args.p_std}")
-
-
 def start_from_teacher(model, build_teacher):
     """The (network, denoiser) of --teacher_model_path, its weights also loaded into the student `model`:
     the student starts from the teacher (as published, for every method)."""

@@ -4,7 +4,6 @@ discretised lognormal, with iCT's weighting, distance and curriculum as flag def
 
 from ..losses import consistency_loss
 from ..schedule import inverse_cdf_indices, lognormal_index_probabilities
-from .base import check_positive_p_std
 from .target import TargetNetworkMethod
 
 
@@ -43,11 +42,6 @@ class ImprovedConsistencyTraining(ConsistencyTraining):
         target_ema_mode="fixed", start_ema=0.0, scale_mode="exponential", start_scales=10, end_scales=1280,
         loss_norm="pseudo-huber", weight_schedule="inverse-step",
     )
-
-    @classmethod
-    def check_flags(cls, args):
-        super().check_flags(args)
-        check_positive_p_std(args)
 
     def __init__(self, args, diffusion):
         super().__init__(args, diffusion)

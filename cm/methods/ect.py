@@ -4,7 +4,6 @@ network switches to the boundary-condition scalings only to sample)."""
 
 from ..losses import ect_loss
 from ..schedule import ect_r, ect_stage, lognormal_sigmas
-from .base import check_positive_p_std
 from .target import TargetNetworkMethod
 
 
@@ -23,7 +22,6 @@ class EasyConsistencyTuning(TargetNetworkMethod):
         super().check_flags(args)
         if not (args.ect_q > 1 and args.ect_stage_steps >= 1):
             raise ValueError(f"ECT needs --ect_q > 1 and --ect_stage_steps >= 1, got {args.ect_q} and {args.ect_stage_steps}")
-        check_positive_p_std(args)
 
     def __init__(self, args, diffusion):
         super().__init__(args, diffusion)

@@ -19,14 +19,14 @@ import torch
 import torch.nn as nn
 from torch.optim import RAdam
 
-from .. import dist_util
+from .. import dist_util, logger
 from ..checkpoints import CheckpointIO
 from ..denoiser import network_time
 from ..nn import append_dims, mean_flat, timestep_embedding
 from ..random_util import rng_states, set_rng_states
 from ..jvp import JVP_METHODS, network_jvp
 from ..trigflow import TrigFlowDenoiser, diffuse, lognormal_t, sigma_of_t
-from .base import TrainingMethod, check_positive_p_std, start_from_teacher
+from .base import TrainingMethod, start_from_teacher
 
 WEIGHTINGS = ("adaptive", "prior")
 
@@ -67,7 +67,6 @@ class ContinuousConsistencyTraining(TrainingMethod):
         if args.use_fp16:
             raise ValueError(f"--training_mode {cls.name} runs its JVP in float32 and trains in float32 or bf16; "
                              "fp16 is refused (pass --precision bf16 or fp32 instead of --use_fp16)")
-        check_positive_p_std(args)
         if args.jvp not in JVP_METHODS:
             raise ValueError(f"unknown --jvp {args.jvp!r}; choose one of {', '.join(JVP_METHODS)}")
         if args.scm_weighting not in WEIGHTINGS:
@@ -102,6 +101,8 @@ class ContinuousConsistencyTraining(TrainingMethod):
             state = CheckpointIO.load(head_file, map_location=loop.device)
             self.weight_head.load_state_dict(state["head"])
             self.weight_opt.load_state_dict(state["opt"])
+        elif self.weight_head is not None and resume_path:  # a run that used the prior weighting until now
+            logger.log(f"no scm_weight{loop.step:06d}.pt beside {resume_path}: the adaptive weight w(t) starts at 0")
 
     def tangent_r(self, step):
         return min(1.0, step / self.warmup_steps) if self.warmup_steps > 0 else 1.0
