@@ -60,8 +60,9 @@ def checkpoint_config(state_dict):
     return json.loads(meta["json"]) if meta else None
 
 
-# flags that change what a network computes but not its parameters' shapes, so no shape check finds them
-UNSEEN_FLAGS = ("c_noise", "double_norm")
+# flags that no shape check finds (clearly): the network's name (cm.networks), and those that change what a network
+# computes but not its parameters' shapes
+UNSEEN_FLAGS = ("network", "c_noise", "double_norm")
 
 
 def stored_flag_changes(state_dict, flags, keys=UNSEEN_FLAGS):
@@ -92,6 +93,12 @@ def stored_training_mode(state_dict):
         return config["training_mode"]
     # a training run's config without a method is scripts/edm_train.py's (cm_train.py always stores one)
     return "edm" if "data_dir" in config else None
+
+
+def stored_network(state_dict):
+    """The --network a checkpoint was trained with: from its stored config, else adm (published and converted files,
+    and this project's from before networks had names)."""
+    return (checkpoint_config(state_dict) or {}).get("network", "adm")
 
 
 WEIGHT_FILE = re.compile(r"^(model|p?ema_.+_)(\d{6,})\.pt$")  # a run's model and (post-hoc) EMA files
@@ -136,6 +143,9 @@ def load_model_weights(model, path, state_dict=None, what="checkpoint"):
     one error naming the differing keys and shapes and the likely fix."""
     if state_dict is None:
         state_dict = read_model_state(path)
+    trained, network = stored_network(state_dict), getattr(model, "network_name", None)
+    if network not in (None, trained):
+        raise ValueError(f"{what} {path} was trained with --network {trained}; pass --network {trained} (got {network})")
     problems = state_dict_mismatch(model, state_dict)
     if problems:
         raise ValueError(

@@ -26,7 +26,8 @@ import torch
 
 from .checkpoints import MODEL_FILE, newest_weight_files, read_model_state
 from .dist_util import read_weight_file
-from .script_util import model_and_diffusion_defaults, parse_attention_resolutions, parse_channel_mult
+from .networks.adm import parse_attention_resolutions, parse_channel_mult
+from .script_util import model_and_diffusion_defaults
 
 # our ResBlock / AttentionBlock sub-module names -> diffusers' ResnetBlock2D / Attention names
 RESNET_NAMES = {
@@ -59,6 +60,10 @@ def _levels(flags):
 
 def check_convertible(flags):
     """Raise one clear error for the architectures diffusers' UNet2DModel cannot express."""
+    if flags.get("network", "adm") != "adm":
+        raise ValueError(f"only --network adm converts (diffusers' UNet2DModel is that U-Net), not {flags['network']}")
+    if flags.get("time_inputs", 1) != 1:
+        raise ValueError("--time_inputs above 1 has no diffusers equivalent (UNet2DModel takes one time)")
     if not flags["resblock_updown"]:
         raise ValueError("diffusers conversion needs --resblock_updown True (as every published checkpoint)")
     if flags["num_head_channels"] == -1:

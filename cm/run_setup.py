@@ -39,7 +39,7 @@ NUMBER_RANGES = {
     "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "lr_anneal_steps": NON_NEGATIVE, "log_interval": POSITIVE,
     "fp16_scale_growth": NON_NEGATIVE, "dropout": FRACTION, "teacher_dropout": FRACTION, "fourier_scale": POSITIVE,
     "p_std": POSITIVE, "ect_k": NON_NEGATIVE, "jvp_eps": POSITIVE, "tangent_norm_c": NON_NEGATIVE,
-    "tangent_warmup_steps": NON_NEGATIVE,
+    "tangent_warmup_steps": NON_NEGATIVE, "time_inputs": POSITIVE,
 }
 
 
@@ -58,7 +58,7 @@ RUN_DEFINING_FLAGS = (
     "global_batch", "global_batch_size", "batch_size", "seed", "training_mode", "image_size", "num_channels", "num_res_blocks",
     "channel_mult", "attention_resolutions", "num_heads", "num_heads_upsample", "num_head_channels", "class_cond",
     "num_classes", "use_scale_shift_norm", "resblock_updown", "learn_sigma", "time_embed", "fourier_scale",
-    "double_norm", "c_noise", "time_input",
+    "double_norm", "c_noise", "time_input", "network", "time_inputs",
 )
 # flags that say where and how a run is watched, not what it computes: changed without a word
 UNREPORTED_FLAGS = ("log_dir", "progress", "resume_checkpoint", "allow_config_change", "precision_reason", "device")

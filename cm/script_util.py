@@ -3,10 +3,10 @@ live in cm.cli, the curriculum in cm.schedule)."""
 
 from .cli import add_dict_to_argparser, args_to_dict, str2bool
 from .karras_diffusion import KarrasDenoiser
+from .networks import build_network
+from .networks import flag_defaults as network_flag_defaults
+from .networks.adm import NUM_CLASSES
 from .schedule import create_ema_and_scales_fn
-from .unet import UNetModel
-
-NUM_CLASSES = 1000
 
 __all__ = [
     "NUM_CLASSES",
@@ -19,18 +19,6 @@ __all__ = [
     "args_to_dict",
     "str2bool",
 ]
-
-# Channel multipliers per resolution level when --channel_mult is empty. 512..64 as published;
-# 32 and 16 (CIFAR-like data, the digits demo) are this project's additions.
-DEFAULT_CHANNEL_MULT = {
-    512: (0.5, 1, 1, 2, 2, 4, 4),
-    256: (1, 1, 2, 2, 4, 4),
-    128: (1, 1, 2, 3, 4),
-    64: (1, 2, 3, 4),
-    32: (1, 2, 2, 2),
-    16: (1, 2, 2),
-}
-
 
 def cm_train_defaults():
     return dict(
@@ -66,57 +54,11 @@ def model_and_diffusion_defaults():
     return dict(
         sigma_min=0.002,  # smallest noise level (the boundary-condition epsilon)
         sigma_max=80.0,  # largest noise level T
-        image_size=64,  # image side in pixels
-        num_channels=128,  # base channel count of the U-Net
-        num_res_blocks=2,  # residual blocks per resolution level
-        num_heads=4,  # attention heads (when num_head_channels is -1)
-        num_heads_upsample=-1,  # heads in the decoder (-1: as num_heads)
-        num_head_channels=-1,  # fixed channels per head (overrides num_heads)
-        attention_resolutions="32,16,8",  # resolutions (pixels) with attention
-        channel_mult="",  # comma-separated multipliers; empty: by image size
-        dropout=0.0,  # dropout in the residual blocks
-        class_cond=False,  # class-conditional model
-        num_classes=NUM_CLASSES,  # number of classes when class_cond
-        use_checkpoint=False,  # gradient checkpointing (less memory, more compute)
-        use_scale_shift_norm=True,  # FiLM conditioning in the residual blocks
-        resblock_updown=False,  # residual blocks for up/downsampling
-        use_fp16=False,  # float16 torso with float32 master weights
-        use_bf16=False,  # bfloat16 torso (no loss scaling needed)
-        use_new_attention_order=False,  # accepted for compatibility; the layout is fixed by the checkpoints
-        learn_sigma=False,  # 6 output channels (unused by Karras models)
+        network="adm",  # the network, by name (cm.networks; adm: the U-Net of the published checkpoints)
+        **network_flag_defaults(),  # every registered network's own flags (adm's: cm/networks/adm.py)
         weight_schedule="karras",  # loss weighting lambda(sigma): snr | snr+1 | karras | truncated-snr | uniform | inverse-step
-        time_embed="positional",  # noise-level embedding: positional (published) | fourier (iCT's option)
-        fourier_scale=0.02,  # std of the Fourier frequencies (iCT: 0.02; NCSN++: 16)
-        double_norm=False,  # sCM's adaptive double normalisation of the scale-shift conditioning
         c_noise="published",  # the network's time input: published 250 ln(sigma) | edm ln(sigma) / 4 (NVlabs EDM)
     )
-
-
-def parse_channel_mult(channel_mult, image_size):
-    if channel_mult in ("", None):
-        if image_size not in DEFAULT_CHANNEL_MULT:
-            raise ValueError(
-                f"no default channel_mult for image_size {image_size}; pass --channel_mult, e.g. 1,2,2"
-            )
-        return DEFAULT_CHANNEL_MULT[image_size]
-    if isinstance(channel_mult, str):
-        return tuple(float(m) if "." in m else int(m) for m in channel_mult.split(","))
-    return tuple(channel_mult)
-
-
-def parse_attention_resolutions(attention_resolutions, image_size, levels=None):
-    """Pixel resolutions ("32,16,8") to the downsample rates the U-Net checks (2, 4, 8 at 64x64). Given the
-    network's number of resolution `levels`, a resolution it does not have (no attention at all) is refused."""
-    if isinstance(attention_resolutions, str):
-        attention_resolutions = [int(r) for r in attention_resolutions.split(",") if r.strip()]
-    if levels is not None:
-        has = [image_size // 2**level for level in range(levels)]
-        wrong = [str(r) for r in attention_resolutions if int(r) not in has]
-        if wrong:
-            raise ValueError(f"--attention_resolutions {','.join(wrong)}: a {image_size}x{image_size} network with "
-                             f"{levels} levels (--channel_mult) has the resolutions {','.join(map(str, has))}; "
-                             "choose among them")
-    return tuple(image_size // int(r) for r in attention_resolutions)
 
 
 def create_model(
@@ -141,34 +83,17 @@ def create_model(
     time_embed="positional",
     fourier_scale=0.02,
     double_norm=False,
+    time_inputs=1,
+    network="adm",
+    **network_flags,
 ):
-    mult = parse_channel_mult(channel_mult, image_size)
-    if image_size < 1 or image_size % 2 ** (len(mult) - 1):
-        raise ValueError(f"--image_size {image_size} cannot be halved {len(mult) - 1} times (--channel_mult "
-                         f"{','.join(map(str, mult))}); pass a multiple of {2 ** (len(mult) - 1)}")
-    return UNetModel(
-        image_size=image_size,
-        in_channels=3,
-        model_channels=num_channels,
-        out_channels=6 if learn_sigma else 3,
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=parse_attention_resolutions(attention_resolutions, image_size, len(mult)),
-        dropout=dropout,
-        channel_mult=parse_channel_mult(channel_mult, image_size),
-        num_classes=num_classes if class_cond else None,
-        use_checkpoint=use_checkpoint,
-        use_fp16=use_fp16,
-        use_bf16=use_bf16,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        resblock_updown=resblock_updown,
-        use_new_attention_order=use_new_attention_order,
-        time_embed=time_embed,
-        fourier_scale=fourier_scale,
-        double_norm=double_norm,
-    )
+    """The network --network `network` (cm.networks) from its flags: these parameters are adm's (the published
+    U-Net's, with the published meaning), `network_flags` those of another network."""
+    adm_flags = {k: v for k, v in locals().items() if k not in ("network", "network_flags")}
+    unknown = set(network_flags) - set(network_flag_defaults())
+    if unknown:
+        raise TypeError(f"create_model() got unexpected keyword arguments {', '.join(sorted(unknown))} (no network's flags)")
+    return build_network(network, {**adm_flags, **network_flags})
 
 
 def create_model_and_diffusion(
@@ -202,10 +127,14 @@ def create_model_and_diffusion(
     rho=7.0,
     huber_c=None,
     lpips_vgg_path=None,
+    time_inputs=1,
+    network="adm",
+    **network_flags,
 ):
-    """The U-Net and its KarrasDenoiser. Unlike the published function, `loss_norm` reaches the
+    """The network and its KarrasDenoiser. Unlike the published function, `loss_norm` reaches the
     denoiser (the published one dropped it, so LPIPS was always used); `rho`, `huber_c` (None: iCT's
-    0.00054 sqrt(d)) and `lpips_vgg_path` (None: the torch hub cache) are this project's."""
+    0.00054 sqrt(d)), `lpips_vgg_path` (None: the torch hub cache) and the network by name (create_model)
+    are this project's."""
     model = create_model(
         image_size,
         num_channels,
@@ -228,6 +157,9 @@ def create_model_and_diffusion(
         time_embed=time_embed,
         fourier_scale=fourier_scale,
         double_norm=double_norm,
+        time_inputs=time_inputs,
+        network=network,
+        **network_flags,
     )
     diffusion = KarrasDenoiser(
         sigma_data=0.5,

@@ -270,6 +270,9 @@ class UNetModel(nn.Module):
     :param time_embed: "positional" (sinusoidal, the published checkpoints' parameter names) or
         "fourier" (random Fourier features of std `fourier_scale`, iCT's option; adds the buffer
         `time_fourier.freqs` to the state dict).
+    :param time_inputs: the number K of times the network is conditioned on (timesteps [N x K] when K > 1): each
+        is embedded alike and one MLP maps their features side by side, as py-meanflow's U-Net conditions on
+        MeanFlow's (t, t - r); K = 1 is the published network.
     """
 
     def __init__(
@@ -297,6 +300,7 @@ class UNetModel(nn.Module):
         use_bf16=False,
         time_embed="positional",
         fourier_scale=0.02,
+        time_inputs=1,
     ):
         super().__init__()
         if use_fp16 and use_bf16:
@@ -315,6 +319,9 @@ class UNetModel(nn.Module):
         self.use_checkpoint = use_checkpoint
         self.use_fp16 = use_fp16
         self.use_bf16 = use_bf16
+        if not (isinstance(time_inputs, int) and time_inputs >= 1):
+            raise ValueError(f"time_inputs must be a positive integer, got {time_inputs!r}")
+        self.time_inputs = time_inputs
 
         def res_block(ch_in, ch_out=None, **kw):
             return ResBlock(
@@ -344,7 +351,7 @@ class UNetModel(nn.Module):
             raise ValueError(f"unknown time_embed {time_embed!r}; choose positional or fourier")
         self.time_fourier = FourierEmbedding(model_channels, fourier_scale) if time_embed == "fourier" else None
         self.time_embed = nn.Sequential(
-            linear(model_channels, time_embed_dim),
+            linear(model_channels * time_inputs, time_embed_dim),
             nn.SiLU(),
             linear(time_embed_dim, time_embed_dim),
         )
@@ -422,10 +429,24 @@ class UNetModel(nn.Module):
         """Undo convert_to_fp16 / convert_to_bf16."""
         self._convert_torso(torch.float32)
 
+    def time_features(self, timesteps):
+        """The embedding features of the time input: [N x model_channels], or the K times' side by side."""
+        if self.time_inputs == 1:
+            return self.embed_time(timesteps)
+        if timesteps.ndim != 2 or timesteps.shape[1] != self.time_inputs:
+            raise ValueError(f"a network of time_inputs {self.time_inputs} takes timesteps of shape "
+                             f"[N x {self.time_inputs}], got {tuple(timesteps.shape)}")
+        return torch.cat([self.embed_time(t) for t in timesteps.unbind(1)], dim=1)
+
+    def embed_time(self, t):
+        if self.time_fourier is not None:
+            return self.time_fourier(t)
+        return timestep_embedding(t, self.model_channels)
+
     def forward(self, x, timesteps, y=None):
         """
         :param x: an [N x C x H x W] batch of inputs.
-        :param timesteps: a 1-D batch of (fractional) timesteps.
+        :param timesteps: a 1-D batch of (fractional) timesteps; [N x K] with time_inputs K > 1.
         :param y: an [N] batch of labels, given if and only if the model is class-conditional.
         """
         if (y is not None) != (self.num_classes is not None):
@@ -433,11 +454,7 @@ class UNetModel(nn.Module):
                 "pass class labels y if and only if the model is class-conditional "
                 f"(model num_classes={self.num_classes}, y given: {y is not None})"
             )
-        if self.time_fourier is not None:
-            t_emb = self.time_fourier(timesteps)
-        else:
-            t_emb = timestep_embedding(timesteps, self.model_channels)
-        emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
+        emb = self.time_embed(self.time_features(timesteps).to(self.time_embed[0].weight.dtype))
         if self.num_classes is not None:
             if y.shape != (x.shape[0],):
                 raise ValueError(f"labels y must have shape ({x.shape[0]},), got {tuple(y.shape)}")

@@ -73,9 +73,10 @@ TRAINING_MODES = {"ct": "consistency_training", "cd": "consistency_distillation"
 # ---- configurations ---------------------------------------------------------------------------------------
 
 
-def config_flags(name):
-    """(model flags, training flags) of a benchmark configuration: a preset's, or the tests' tiny U-Net."""
-    model = model_and_diffusion_defaults()
+def config_flags(name, network="adm"):
+    """(model flags, training flags) of a benchmark configuration: a preset's, or the tests' tiny U-Net; the network
+    `network` (cm.networks) built from those of the flags that are its own."""
+    model = dict(model_and_diffusion_defaults(), network=network)
     if name == "tiny":
         model.update(TINY_FLAGS)
         return model, dict(loss_norm="l2", ema_rate="0.9,0.99", target_ema_mode="fixed", start_ema=0.9,
@@ -188,14 +189,14 @@ def row_ceiling(ctx, dtype, tf32=False):
 
 
 def row_forward_flops(ctx, config):
-    model_flags, _ = config_flags(config)
+    model_flags, _ = config_flags(config, ctx.network)
     model, _ = build_model(model_flags, ctx.device)
     return dict(config=config, flops_per_image=forward_flops_per_image(model.eval(), model_flags, ctx.device),
                 parameters=sum(p.numel() for p in model.parameters()))
 
 
 def row_train(ctx, config, mode, precision, batch, channels_last=False, compile=False):
-    model_flags, train = config_flags(config)
+    model_flags, train = config_flags(config, ctx.network)
     if mode == "cd":
         train = dict(train, **CD_SCHEDULE)
     model, diffusion = build_model(model_flags, ctx.device, loss_norm=train["loss_norm"])
@@ -256,7 +257,7 @@ def sync_free(fn, device):
 
 
 def row_sample(ctx, config, impl, steps_name, precision, batch, channels_last=False, compile=False, sdpa="fused"):
-    model_flags, _ = config_flags(config)
+    model_flags, _ = config_flags(config, ctx.network)
     model, diffusion = build_model(model_flags, ctx.device)
     model.eval()
     size = model_flags["image_size"]
@@ -308,7 +309,7 @@ def row_sample(ctx, config, impl, steps_name, precision, batch, channels_last=Fa
 def row_param_update(ctx, config):
     """The batch-independent part of a float32/bf16 training step: the gradient norm, the RAdam step
     (rectified) and the fused update of the EMAs and the target, over all the model's parameters."""
-    model_flags, train = config_flags(config)
+    model_flags, train = config_flags(config, ctx.network)
     model, _ = build_model(model_flags, ctx.device)
     gen = torch.Generator().manual_seed(0)
     for p in model.parameters():
@@ -334,7 +335,7 @@ def row_param_update(ctx, config):
 def row_ema(ctx, config, fused):
     """The EMA updates of one training step (the config's EMA rates and the target network) over the
     model's parameters: one fused update (cm.ema.update_emas) or one update per average (before #7)."""
-    model_flags, train = config_flags(config)
+    model_flags, train = config_flags(config, ctx.network)
     model, _ = build_model(model_flags, ctx.device)
     source = [p.detach() for p in model.parameters()]
     rates = [float(r) for r in str(train["ema_rate"]).split(",")] + [train["start_ema"]]
@@ -355,7 +356,7 @@ def row_ema(ctx, config, fused):
 def row_target_forward(ctx, config, batch, grad_mode):
     """The target network's forward pass of a CT step (dropout state as in training) under no_grad or
     inference_mode (cm/losses.py uses inference_mode)."""
-    model_flags, _ = config_flags(config)
+    model_flags, _ = config_flags(config, ctx.network)
     model, diffusion = build_model(model_flags, ctx.device)
     model.train().requires_grad_(False)
     size = model_flags["image_size"]
@@ -471,6 +472,7 @@ class Context:
     def __init__(self, args, device):
         self.device = device
         self.quick = args.quick
+        self.network = args.network
         self.matmul_n = 512 if args.quick else (8192 if device.type == "cuda" else 2048)
         self.inner = 5 if device.type == "cuda" else 1
         self.results = {}
@@ -684,6 +686,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("--quick", action="store_true", help="tiny configuration, two repeats (smoke test)")
+    parser.add_argument("--network", default="adm", help="the network by name (cm.networks; adm: the published U-Net)")
     parser.add_argument("--out", default="benchmark.json", help="JSON written after every row")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--compile", default="auto", choices=("auto", "yes", "no"),

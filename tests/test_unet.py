@@ -1,10 +1,11 @@
-"""The U-Net: published parameter layout, attention, precision, gradient checkpointing."""
+"""The U-Net: published parameter layout, attention, precision, gradient checkpointing, more than one time input."""
 
 import math
 
 import pytest
 import torch
 
+from cm.nn import timestep_embedding
 from cm.script_util import create_model, create_model_and_diffusion
 from cm.unet import QKVAttention
 
@@ -214,3 +215,31 @@ def test_labels_required_exactly_for_class_conditional_models():
 def test_num_head_channels_must_divide_channels():
     with pytest.raises(ValueError, match="num_head_channels"):
         create_model_and_diffusion(**tiny_config(num_head_channels=24))
+
+
+def test_one_time_input_is_the_published_network():
+    model = randomize(create_model_and_diffusion(**tiny_config())[0]).eval()
+    assert model.time_embed[0].weight.shape == (128, 32)  # the published shapes (and names: expected_keys)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([1.0, 50.0]), torch.tensor([1, 2])
+    with torch.no_grad():
+        out = model(x, t, y)
+        model.time_features = lambda t: timestep_embedding(t, model.model_channels)  # the published embedding
+        assert torch.equal(model(x, t, y), out)
+
+
+def test_two_time_inputs_condition_on_each_time_of_each_row():
+    model = randomize(create_model_and_diffusion(**tiny_config(time_inputs=2))[0]).eval()
+    assert model.state_dict().keys() == create_model_and_diffusion(**tiny_config())[0].state_dict().keys()
+    assert model.time_embed[0].in_features == 2 * 32  # one MLP on both times' features (py-meanflow's U-Net)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([[1.0, 0.5], [50.0, 20.0]]), torch.tensor([1, 2])
+    with torch.no_grad():
+        out = model(x, t, y)
+        second = model(x, t + torch.tensor([[0.0, 0.0], [0.0, 3.0]]), y)
+        first = model(x, t + torch.tensor([[0.0, 0.0], [3.0, 0.0]]), y)
+    for moved in (first, second):
+        torch.testing.assert_close(moved[0], out[0], rtol=0, atol=1e-6)
+        assert not torch.allclose(moved[1], out[1])
+    with pytest.raises(ValueError, match=r"timesteps of shape \[N x 2\]"):
+        model(x, t[:, 0], y)
+    with pytest.raises(ValueError, match="time_inputs must be a positive integer"):
+        create_model_and_diffusion(**tiny_config(time_inputs=0))

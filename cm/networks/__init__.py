@@ -1,0 +1,60 @@
+"""Networks by their --network name (default adm, the U-Net of the published checkpoints).
+
+A network is a torch module called as `net(x, timesteps, y=None)`: x [N x C x H x W], timesteps [N] (or [N x K]
+for a network conditioned on K times, as MeanFlow's (t, t - r)), y [N] labels given if and only if it is
+class-conditional; it returns x's shape. It is built from a dict of its own keyword arguments, which are also its
+flags: each declared once with a default and a one-line help, taken by every script that builds a model
+(cm.script_util.model_and_diffusion_defaults) and stored in every checkpoint's config. Under --precision fp16 or
+bf16 the scripts call its convert_to_fp16() / convert_to_bf16().
+
+Adding a network: one module here with its class and FLAGS, and one line below (or register() from your own
+code, as tests/test_networks.py does).
+"""
+
+from collections import namedtuple
+
+from . import adm
+
+Flag = namedtuple("Flag", "default help")
+Network = namedtuple("Network", "build flags")  # build(**own flags) -> module; flags {name: Flag}
+
+NETWORKS = {}
+
+
+def register(name, build, flags):
+    """Make `build` (a class, or a function returning a module, taking the network's own keyword arguments) the
+    network --network `name`; `flags` {flag: (default, one-line help)} are those arguments. A flag that another
+    network declares too must have its default (the parsers hold one)."""
+    flags = {k: Flag(*v) for k, v in flags.items()}
+    for other, net in NETWORKS.items():
+        clash = [k for k in flags.keys() & net.flags.keys() if other != name and flags[k].default != net.flags[k].default]
+        if clash:
+            raise ValueError(f"network {name}: the flags {', '.join(sorted(clash))} of network {other} have other "
+                             "defaults there; give them the same defaults, or other names")
+    NETWORKS[name] = Network(build, flags)
+    return build
+
+
+register("adm", adm.build, adm.FLAGS)
+
+
+def network(name):
+    """The Network registered as `name`; one clear error for an unknown name."""
+    if name not in NETWORKS:
+        raise ValueError(f"unknown --network {name}; choose one of {', '.join(NETWORKS)}")
+    return NETWORKS[name]
+
+
+def flag_defaults():
+    """{flag: default} of every registered network's flags, adm's first: the network flags of every parser."""
+    return {k: f.default for net in NETWORKS.values() for k, f in net.flags.items()}
+
+
+def build_network(name, flags):
+    """Network `name` built from its own flags in the dict `flags` (those it lacks take their defaults; the other
+    networks' flags are not its business). The module keeps its name as `network_name`, so that a checkpoint of
+    another network is refused when loaded into it (cm.checkpoints.load_model_weights)."""
+    net = network(name)
+    model = net.build(**{k: flags.get(k, f.default) for k, f in net.flags.items()})
+    model.network_name = name
+    return model
