@@ -8,6 +8,7 @@ so any script takes it, and `bash launch.sh list` does not list it). A name is o
 path out of configs/ (a path ending .json is read as the user's own preset), and "script" is one of scripts/*.py.
 """
 
+import argparse
 import json
 import os
 
@@ -81,6 +82,20 @@ def load_preset(name):
         flags = {**parent["flags"], **flags}
         base = parent.get("base")
     return dict(preset, flags=flags)
+
+
+def given_flags(parser, argv):
+    """The flags of `parser` that `argv` or the --config preset set (after parse_args_with_config), as a set of names:
+    those a default did not decide."""
+    actions = [a for a in parser._actions if a.dest != "help"]
+    defaults = [a.default for a in actions]
+    for action in actions:
+        action.default = argparse.SUPPRESS
+    try:
+        return set(vars(parser.parse_known_args(argv)[0]))  # (a preset's flags are the parser's own defaults)
+    finally:
+        for action, default in zip(actions, defaults):
+            action.default = default
 
 
 def parse_args_with_config(parser, argv, script, also=(), mode_defaults=None):

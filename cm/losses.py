@@ -16,23 +16,22 @@ from .nn import append_dims, mean_flat
 from .random_util import rng_states, set_rng_states
 from .schedule import index_to_sigma, karras_sigma
 
-WEIGHT_SCHEDULES = ("snr", "snr+1", "karras", "truncated-snr", "uniform", "inverse-step")
+# lambda(sigma) of each --weight_schedule, from the signal-to-noise ratio snr = sigma^-2 and sigma_data
+SNR_WEIGHTINGS = {
+    "snr": lambda snrs, sigma_data: snrs,
+    "snr+1": lambda snrs, sigma_data: snrs + 1,
+    "karras": lambda snrs, sigma_data: snrs + 1.0 / sigma_data**2,  # EDM's (sigma^2 + sigma_data^2) / (sigma sigma_data)^2
+    "truncated-snr": lambda snrs, sigma_data: torch.clamp(snrs, min=1.0),
+    "uniform": lambda snrs, sigma_data: torch.ones_like(snrs),
+}
+WEIGHT_SCHEDULES = (*SNR_WEIGHTINGS, "inverse-step")
 LOSS_NORMS = ("l1", "l2", "l2-32", "lpips", "pseudo-huber")
 
 
 def get_weightings(weight_schedule, snrs, sigma_data):
     """Per-sample loss weight lambda(sigma) from the signal-to-noise ratio snr = sigma^-2."""
-    if weight_schedule == "snr":
-        return snrs
-    if weight_schedule == "snr+1":
-        return snrs + 1
-    if weight_schedule == "karras":
-        # EDM's lambda = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2
-        return snrs + 1.0 / sigma_data**2
-    if weight_schedule == "truncated-snr":
-        return torch.clamp(snrs, min=1.0)
-    if weight_schedule == "uniform":
-        return torch.ones_like(snrs)
+    if weight_schedule in SNR_WEIGHTINGS:
+        return SNR_WEIGHTINGS[weight_schedule](snrs, sigma_data)
     if weight_schedule == "inverse-step":
         raise ValueError("weight_schedule 'inverse-step' weights a consistency step (CD, CT, iCT, ECT); "
                          "the EDM and progressive-distillation losses need another")

@@ -23,17 +23,16 @@ from tqdm.auto import tqdm
 
 from . import dist_util, logger
 from .atomic import atomic_write_text
-from .checkpoints import UNSEEN_FLAGS, check_stored_flags, flag_text, load_model_weights, stored_flag_changes
+from .checkpoints import checkpoint_config, flag_text, load_model_weights
 from .cli import add_dict_to_argparser, args_to_dict
 from .diffusers_convert import read_weights
 from .fast_paths import apply_fast_paths
 from .image_io import save_npz, to_uint8_nhwc
 from .precision import resolve_precision_args
 from .random_util import get_generator
-from .samplers import karras_sample
-from .methods import CONSISTENCY_SAMPLERS, KINDS, model_kind, parameterization, samples_with_boundary_condition, trained_kind
+from .methods import parameterization, trained_parameterization
+from .parameterizations import check_grid_indices, parse_int_list  # noqa: F401 (the scripts' parsers)
 from .script_util import create_model_and_diffusion, model_and_diffusion_defaults
-from .trigflow import TrigFlowDenoiser, sample_trigflow
 
 def sampling_argparser(description, **script_defaults):
     """The parser of a sampling script: the published image_sample.py flags, this project's additions,
@@ -78,20 +77,6 @@ SAMPLE_SETTINGS = (
 )
 
 
-def parse_int_list(text, flag):
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"--{flag} must be comma-separated integers, got {text!r}") from None
-
-
-def check_grid_indices(ts, steps):
-    """--ts: at least two strictly increasing indices of the --steps-point Karras grid."""
-    if len(ts) < 2 or any(not 0 <= t < steps for t in ts) or list(ts) != sorted(set(ts)):
-        raise ValueError(f"--ts must be two or more increasing grid indices in 0..{steps - 1} (--steps {steps}), "
-                         f"e.g. 0,{steps // 2},{steps - 1}; got {','.join(map(str, ts)) or 'none'}")
-
-
 def sampling_seeds(args):
     """The seeds of --seeds (distinct), or None: one batch at --seed."""
     seeds = parse_int_list(args.seeds, "seeds")
@@ -101,13 +86,11 @@ def sampling_seeds(args):
 
 
 def check_sampling_args(args):
-    """The flag combinations that cannot work, as one-line errors; returns (ts, class_labels)."""
-    trigflow = parameterization(args.training_mode) == "trigflow"
-    if trigflow and args.sampler not in ("onestep", "multistep"):
-        raise ValueError(f"--training_mode {args.training_mode} samples with --sampler onestep, or multistep at --t_mid")
-    ts = parse_int_list(args.ts, "ts") if args.sampler == "multistep" and not trigflow else None
-    if ts is not None:
-        check_grid_indices(ts, args.steps)
+    """The flag combinations that cannot work, as one-line errors; returns (the sampler's steps: {"ts", "t_mid"},
+    class_labels)."""
+    kind = parameterization(args.training_mode)
+    kind.check_sampler(args.sampler, args.training_mode)
+    steps = kind.sampler_steps(args)
     class_labels = parse_int_list(args.class_labels, "class_labels") if args.class_labels else ()
     if class_labels and not args.class_cond:
         raise ValueError("--class_labels needs a class-conditional model (--class_cond True)")
@@ -115,44 +98,55 @@ def check_sampling_args(args):
         raise ValueError(f"--class_labels must lie in 0..{args.num_classes - 1}")
     if args.num_samples < 1 or args.batch_size < 1:
         raise ValueError("--num_samples and --batch_size must be at least 1")
-    return ts, class_labels
+    return steps, class_labels
 
 
-def trigflow_t_mid(args):
-    """sCM's intermediate times of --sampler multistep (--t_mid, decreasing, in (0, pi/2)); () for one step."""
-    if args.sampler != "multistep" or parameterization(args.training_mode) != "trigflow":
-        return ()
-    try:
-        times = tuple(float(v) for v in args.t_mid.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"--t_mid must be comma-separated numbers, got {args.t_mid!r}") from None
-    if not times or any(not 0 < t < math.pi / 2 for t in times) or list(times) != sorted(times, reverse=True):
-        raise ValueError(f"--t_mid must be decreasing times in (0, pi/2), e.g. 1.1; got {args.t_mid!r}")
-    return times
+# model flags that say how a network was trained, not what it computes: a checkpoint's config does not decide them
+TRAINING_ONLY_FLAGS = ("dropout", "use_checkpoint", "use_fp16", "use_bf16", "weight_schedule")
 
 
-def read_sampling_weights(args, sampler=None):
-    """The weights of --model_path (None without one), checked against the flags before the output folder is touched:
-    a file trained as another kind of model (cm.methods.KINDS, from its stored --training_mode; its time input and
-    UNSEEN_FLAGS likewise) or, given `sampler`, one its kind is not sampled with, is one line naming the flags to pass.
-    A file without a stored --training_mode (a published one) is checked on those flags it stores only."""
+def stored_model_flags():
+    """The flags a checkpoint's stored config decides (besides --training_mode and its parameterization's
+    stored_flags): the network's, of every network registered by now, and the noise range."""
+    return tuple(k for k in model_and_diffusion_defaults() if k not in TRAINING_ONLY_FLAGS)
+
+
+def read_sampling_weights(args, given=None):
+    """The weights of --model_path (None without one), read before the output folder is touched; its stored config
+    (a checkpoint of this project) decides what the flags do not say. The model flags (stored_model_flags(), the
+    parameterization's stored_flags) and --training_mode that are not in `given` (the flags set on the command line
+    or by the --config preset; None: all) take the stored values, and an absent --sampler the model's first one.
+    A given flag that contradicts the file is one line naming the flags to pass (a --training_mode agrees when it
+    samples the same parameterization). A file without a stored config (a published one) is not checked."""
     if not args.model_path:
         return None
     state = read_weights(args.model_path)
-    trained = trained_kind(state)
-    kind = trained[1] if trained else model_kind(args.training_mode)
-    keys = UNSEEN_FLAGS + (("time_input",) if kind == "trigflow" else ())
-    if trained is None:
-        check_stored_flags(state, vars(args), args.model_path, keys)
+    trained = trained_parameterization(state)
+    config = checkpoint_config(state) or {}
+    if trained is None and not config:
         return state
-    wanted = stored_flag_changes(state, vars(args), keys)
-    if kind != model_kind(args.training_mode):
-        wanted = {"training_mode": trained[0], **wanted}
-    if sampler is not None and (sampler in CONSISTENCY_SAMPLERS) != (kind != "denoiser"):
-        wanted["sampler"] = "heun" if kind == "denoiser" else "onestep"
+    given = set(vars(args)) if given is None else given
+    kind = trained[1] if trained else parameterization(args.training_mode)
+    stored = {k: config[k] for k in stored_model_flags() + kind.stored_flags if k in config and hasattr(args, k)}
+    if trained:
+        stored["training_mode"] = trained[0]
+    wanted = {}
+    for key, value in stored.items():
+        if key not in given:
+            setattr(args, key, value)
+            continue
+        agrees = parameterization(args.training_mode) is kind if key == "training_mode" else str(value) == str(getattr(args, key))
+        if not agrees:
+            wanted[key] = value
+    if args.sampler not in kind.samplers:
+        if "sampler" in given:
+            wanted["sampler"] = kind.samplers[0]
+        else:
+            args.sampler = kind.samplers[0]
     if wanted:
-        raise ValueError(f"{args.model_path} was trained as --training_mode {trained[0]}, {KINDS[kind]}; pass "
-                         f"{flag_text(wanted)} (got {flag_text({k: getattr(args, k) for k in wanted})})")
+        what = f"as --training_mode {trained[0]}, {kind.description}" if trained else f"with {flag_text(stored)}"
+        raise ValueError(f"{args.model_path} was trained {what}; pass {flag_text(wanted)} or leave them out "
+                         f"(got {flag_text({k: getattr(args, k) for k in wanted})})")
     return state
 
 
@@ -161,13 +155,11 @@ def load_sampling_model(args, state=None):
     here), on this rank's device, in eval mode, its torso in the precision chosen for this device (cm.precision;
     resolved into the flags)."""
     resolve_precision_args(args, dist_util.dev(), log=logger.log)
-    # every consistency model uses the boundary-condition scalings; EDM models do not
-    distillation = samples_with_boundary_condition(args.training_mode)
+    kind = parameterization(args.training_mode)
     model, diffusion = create_model_and_diffusion(
-        **args_to_dict(args, model_and_diffusion_defaults().keys()), distillation=distillation
+        **args_to_dict(args, model_and_diffusion_defaults().keys()), distillation=kind.boundary_condition
     )
-    if parameterization(args.training_mode) == "trigflow":  # sCM models: time t, f = cos(t) x - sin(t) sigma_d F
-        diffusion = TrigFlowDenoiser(diffusion.sigma_data, args.time_input, diffusion.sigma_max, diffusion.c_noise)
+    diffusion = kind.sampling_denoiser(diffusion, args)
     if args.model_path:
         logger.log(f"loading {args.model_path}")
         load_model_weights(model, args.model_path, read_sampling_weights(args) if state is None else state)
@@ -243,6 +235,7 @@ def generate_samples(
     diffusion,
     model,
     *,
+    kind,
     num_samples,
     batch_size,
     image_size,
@@ -263,8 +256,9 @@ def generate_samples(
     """Draw `num_samples` images (uint8 NHWC) and their labels (or None) from all processes, returned
     on rank 0 (None elsewhere). Labels: `class_labels` cycled over the samples, else uniform over
     num_classes from the generator. With `shard_dir`, each round is kept there and a rerun resumes.
-    `sample_kwargs` go to karras_sample (clip_denoised, sigma_min, sigma_max, s_churn, ...); a TrigFlow
-    `diffusion` (sCM) samples in one step, then once more at each time of `t_mid`."""
+    `kind` (the model's parameterization, cm.parameterizations) samples each round from `diffusion`, its sampling denoiser: Karras
+    sigma with --sampler at `steps` (`ts`: multistep's grid indices) and `sample_kwargs` (clip_denoised, sigma_min,
+    sigma_max, s_churn, ...), TrigFlow in one step and once more at each time of `t_mid`."""
     device = dist_util.dev()
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     images, labels, done = [], [], 0
@@ -294,12 +288,8 @@ def generate_samples(
             else:
                 model_kwargs["y"] = gen.randint(0, num_classes, (per_rank,), device=device)
         shape = (per_rank, 3, image_size, image_size)
-        if isinstance(diffusion, TrigFlowDenoiser):
-            sample = sample_trigflow(diffusion, model, shape, gen, ts=t_mid, model_kwargs=model_kwargs, device=device,
-                                     clip_denoised=sample_kwargs["clip_denoised"])
-        else:
-            sample = karras_sample(diffusion, model, shape, steps=steps, model_kwargs=model_kwargs, device=device,
-                                   sampler=sampler, generator=gen, ts=ts, **sample_kwargs)
+        sample = kind.sample(diffusion, model, shape, gen, sampler=sampler, steps=steps, ts=ts, t_mid=t_mid,
+                             model_kwargs=model_kwargs, device=device, **sample_kwargs)
         check_finite_samples(sample)
         round_images = in_global_order(dist_util.all_gather(torch.from_numpy(to_uint8_nhwc(sample)).to(device)))
         round_labels = in_global_order(dist_util.all_gather(model_kwargs["y"])) if class_cond else None

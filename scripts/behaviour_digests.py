@@ -5,7 +5,8 @@ refactor is checked against (a refactor keeps behaviour bit-identical).
     python scripts/behaviour_digests.py --out after.json --compare before.json
 
 Each run is tiny (a 16x16 U-Net on the digits, a few steps, float32 on the CPU) and its files are digested:
-every tensor of every checkpoint file (SHA-256 of its bytes, by file and key), progress.csv without its
+every tensor and value of every checkpoint file (SHA-256 of its bytes, by file and key) but the run's config
+(a record of the flags, which a refactor may extend, holding the run's id and folder), progress.csv without its
 wall-clock columns, and each samples .npz. --compare lists every digest that differs and exits 1 if any does.
 """
 
@@ -80,7 +81,8 @@ def tensor_digests(path):
             out[prefix] = hashlib.sha256(value.detach().contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
         elif isinstance(value, dict):
             for k in sorted(value, key=str):
-                walk(f"{prefix}/{k}", value[k])
+                if k != "config":
+                    walk(f"{prefix}/{k}", value[k])
         elif isinstance(value, (list, tuple)):
             for i, v in enumerate(value):
                 walk(f"{prefix}/{i}", v)
@@ -141,8 +143,8 @@ def main():
         json.dump(digests, f, indent=1, sort_keys=True)
     print(f"{sum(len(d) for d in digests.values())} digests of {len(digests)} runs in {args.out}")
     if args.compare:
-        with open(args.compare) as f:
-            before = json.load(f)
+        with open(args.compare) as f:  # (a record made before configs were left out: they are dropped here)
+            before = {run: {k: v for k, v in d.items() if not k.endswith("/config")} for run, d in json.load(f).items()}
         differ = [f"{run}: {key}" for run in sorted(set(before) | set(digests))
                   for key in sorted(set(before.get(run, {})) | set(digests.get(run, {})))
                   if before.get(run, {}).get(key) != digests.get(run, {}).get(key)]

@@ -15,7 +15,8 @@ from cm.checkpoints import check_stored_flags, load_model_weights
 from cm.cli import add_dict_to_argparser, args_to_dict, run_cli
 from cm.config import parse_args_with_config
 from cm.diffusers_convert import read_weights
-from cm.methods import KINDS, method_class, mode_flag_defaults, trained_kind
+from cm.methods import method_class, mode_flag_defaults, trained_parameterization
+from cm.parameterizations import DENOISER
 from cm.run_setup import loop_kwargs, per_process_batch, start_run, training_data
 from cm.script_util import cm_train_defaults, create_model_and_diffusion, model_and_diffusion_defaults, train_defaults
 from cm.train_util import TrainLoop
@@ -45,10 +46,11 @@ def main(argv=None):
         )
         path = args.teacher_model_path
         state = read_weights(path)
-        trained = trained_kind(state)
-        if trained and trained[1] != "denoiser":  # e.g. an sCT model as sCD's teacher
-            raise ValueError(f"--teacher_model_path {path} was trained as --training_mode {trained[0]}, {KINDS[trained[1]]}; "
-                             "a teacher is a denoiser: pass a checkpoint of scripts/edm_train.py (or --training_mode edm)")
+        trained = trained_parameterization(state)
+        if trained and trained[1] is not DENOISER:  # e.g. an sCT model as sCD's teacher
+            raise ValueError(f"--teacher_model_path {path} was trained as --training_mode {trained[0]}, "
+                             f"{trained[1].description}; a teacher is a denoiser: pass a checkpoint of "
+                             "scripts/edm_train.py (or --training_mode edm)")
         check_stored_flags(state, model_kwargs, path)
         load_model_weights(teacher, path, state, what="teacher checkpoint")
         return teacher.to(dist_util.dev()), teacher_diffusion

@@ -38,7 +38,6 @@ from cm.config import load_preset
 from cm.image_datasets import digits_reference_sets
 from cm.precision import cpu_model_name
 from cm.image_io import save_grid
-from cm.methods import parameterization
 from cm.plots import curves_png
 from cm.cli import run_cli, str2bool
 from cm.checkpoints import MODEL_FILE, parse_resume_step_from_filename
@@ -91,14 +90,9 @@ def ema_path(run_dir, preset, steps):
 
 
 def sampling_flags(preset):
-    """What image_sample.py needs besides compare_sample_* to build and sample a model of training preset
-    `preset`: its network's time input, and for sCT and sCD the TrigFlow settings."""
-    flags = load_preset(preset)["flags"]
-    out = ["--c_noise", flags.get("c_noise", "published")]
-    if parameterization(flags.get("training_mode", "edm")) == "trigflow":
-        out += ["--training_mode", flags["training_mode"], "--time_input", flags["time_input"],
-                "--double_norm", str(flags["double_norm"])]
-    return out
+    """What image_sample.py needs besides compare_sample_* to sample a model of training preset `preset`: its
+    method in place of the sampling preset's (the network's flags come from the model file's stored config)."""
+    return ["--training_mode", load_preset(preset)["flags"].get("training_mode", "edm")]
 
 
 def draw(model_path, out_dir, kind, num_samples, extra=()):

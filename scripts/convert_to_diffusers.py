@@ -3,9 +3,10 @@ diffusers' ConsistencyModelPipeline.from_pretrained loads: unet/ (UNet2DModel we
 scheduler/ (CMStochasticIterativeScheduler whose num_train_timesteps is --steps), model_index.json,
 and cm_flags.json (our flags and sampler settings, for an exact way back).
 
-The architecture comes from the flags: a sampling preset (--config sample_ct_imagenet64_onestep),
-the config stored inside a checkpoint written by this project, and any flag on the command line,
-in increasing priority. The pipeline's `timesteps` for this model's --ts are printed at the end.
+The architecture and method come from the config stored inside a checkpoint written by this project (a flag
+that contradicts it is refused), and for a published checkpoint, which stores none, from the flags: a sampling
+preset (--config sample_ct_imagenet64_onestep) and the command line. The pipeline's `timesteps` for this
+model's --ts are printed at the end.
 
     python scripts/convert_to_diffusers.py --config sample_ct_imagenet64_multistep \\
         --model_path ct_imagenet64.pt --output_dir ct_imagenet64_diffusers
@@ -14,30 +15,23 @@ in increasing priority. The pipeline's `timesteps` for this model's --ts are pri
 import json
 
 from cm import logger
-from cm.checkpoints import checkpoint_config, load_model_weights, read_model_state
+from cm.checkpoints import load_model_weights
 from cm.cli import args_to_dict, run_cli
-from cm.config import parse_args_with_config
+from cm.config import given_flags, parse_args_with_config
 from cm.diffusers_convert import diffusers_timesteps, save_pipeline
-from cm.methods import samples_with_boundary_condition
-from cm.sample_util import parse_int_list, sampling_argparser
+from cm.methods import parameterization
+from cm.parameterizations import CONSISTENCY
+from cm.sample_util import parse_int_list, read_sampling_weights, sampling_argparser
 from cm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
-
-
-def stored_model_flags(state_dict):
-    """The model flags stored in a checkpoint of this project ({} for published or foreign files)."""
-    config = checkpoint_config(state_dict) or {}
-    return {k: v for k, v in config.items() if k in model_and_diffusion_defaults()}
 
 
 def main(argv=None):
     parser = create_argparser()
-    known, _ = parser.parse_known_args(argv)
-    state = read_model_state(known.model_path) if known.model_path else None  # read once, a checkpoint can be GBs
-    parser.set_defaults(**stored_model_flags(state))
     args = parse_args_with_config(parser, argv, "convert_to_diffusers.py", also=("image_sample.py",))
     if not args.model_path or not args.output_dir:
         raise ValueError("pass --model_path (the checkpoint) and --output_dir (the diffusers folder to write)")
-    if not samples_with_boundary_condition(args.training_mode):
+    state = read_sampling_weights(args, given_flags(parser, argv))  # (its stored config fills the flags not given)
+    if parameterization(args.training_mode) is not CONSISTENCY:
         raise ValueError(
             f"--training_mode {args.training_mode}: ConsistencyModelPipeline applies the consistency boundary "
             "condition, so only consistency models convert (pass --training_mode consistency_training or "
@@ -45,7 +39,7 @@ def main(argv=None):
         )
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     model, _ = create_model_and_diffusion(**flags)
-    load_model_weights(model, args.model_path, state if args.model_path == known.model_path else None)
+    load_model_weights(model, args.model_path, state)
     extra = {"training_mode": args.training_mode, "sampler": args.sampler}
     timesteps = None
     if args.sampler == "multistep" and args.ts:

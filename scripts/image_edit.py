@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cm import dist_util, logger
-from cm.config import parse_args_with_config
+from cm.config import given_flags, parse_args_with_config
 from cm.editing import (
     BUILTIN_MASKS,
     builtin_mask,
@@ -46,7 +46,6 @@ from cm.image_datasets import UnreadableImage, collate, open_dataset
 from cm.image_io import save_grid, save_npz, to_uint8_nhwc
 from cm.random_util import get_generator
 from cm.methods import parameterization
-from cm.trigflow import SigmaView
 from cm.sample_util import (
     check_grid_indices,
     in_global_order,
@@ -133,9 +132,12 @@ def read_images(data_dir, image_size, num_images, want_labels):
 
 
 def main(argv=None):
-    args = parse_args_with_config(create_argparser(), argv, "image_edit.py", also=("image_sample.py",))
+    parser = create_argparser()
+    args = parse_args_with_config(parser, argv, "image_edit.py", also=("image_sample.py",))
+    dist_util.setup_dist(device=args.device or None)
+    state = read_sampling_weights(args, given_flags(parser, argv))  # (its stored config fills the flags not given)
     ts, class_labels = check_args(args)
-    # inputs before the process group and the run folder: bad data leave nothing behind
+    # inputs before the run folder: bad data leave nothing behind
     mask = read_mask(args.mask, args.image_size) if args.task == "inpainting" else None
     inputs, labels = None, None
     if args.task != "interpolation":
@@ -148,10 +150,8 @@ def main(argv=None):
             )
     num = args.num_images if inputs is None else len(inputs)
 
-    dist_util.setup_dist(device=args.device or None)
     device = dist_util.dev()
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    state = read_sampling_weights(args)  # (a file of another kind: refused before the run folder is made)
     logger.configure(args.log_dir or None)
     if num < args.num_images:
         logger.log(f"warning: {args.data_dir} has {num} images; editing all of them, not {args.num_images}")
@@ -160,8 +160,7 @@ def main(argv=None):
     if ts[-1] != args.steps - 1:
         logger.log(f"warning: --ts ends before the last grid index {args.steps - 1}; the results keep some noise")
     model, diffusion = load_sampling_model(args, state)
-    if parameterization(args.training_mode) == "trigflow":  # sCM models edit in EDM's noise levels
-        diffusion = SigmaView(diffusion, args.sigma_min)  # (rho 7, the grid of --ts)
+    diffusion = parameterization(args.training_mode).editing_denoiser(diffusion, args)  # in EDM's noise levels
 
     # labels: --class_labels (cycled), else the data's, else uniform draws over num_classes
     if class_labels:

@@ -10,8 +10,9 @@ import os
 
 from cm import dist_util, logger
 from cm.checkpoints import file_sha256
-from cm.config import parse_args_with_config
+from cm.config import given_flags, parse_args_with_config
 from cm.image_io import save_grid, save_npz
+from cm.methods import parameterization
 from cm.run_folder import lock_run_folder, release_run_folder
 from cm.sample_util import (
     SAMPLE_SETTINGS,
@@ -23,19 +24,19 @@ from cm.sample_util import (
     sample_kwargs,
     sampling_argparser,
     sampling_seeds,
-    trigflow_t_mid,
     write_on_rank0,
 )
 from cm.cli import run_cli
 
 
 def main(argv=None):
-    args = parse_args_with_config(create_argparser(), argv, "image_sample.py")
-    ts, class_labels = check_sampling_args(args)
-    t_mid = trigflow_t_mid(args)
+    parser = create_argparser()
+    args = parse_args_with_config(parser, argv, "image_sample.py")
     seeds = sampling_seeds(args)
     dist_util.setup_dist(device=args.device or None)
-    state = read_sampling_weights(args, args.sampler)  # (before the output folder is touched)
+    # the model file's stored config fills the flags not given; then every check, before the output folder is touched
+    state = read_sampling_weights(args, given_flags(parser, argv))
+    steps, class_labels = check_sampling_args(args)
     folder = logger.run_dir(args.log_dir or None)
     lock_run_folder(folder)  # one sampling run per folder: two would write the same shards
     logger.configure(folder)
@@ -48,10 +49,11 @@ def main(argv=None):
         shard_dir = os.path.join(out_dir, "samples_partial")
         settings = {k: str(getattr(args, k)) for k in SAMPLE_SETTINGS} | {"seed": str(seed), "model_sha256": model_hash}
         images, labels = generate_samples(
-            diffusion, model, num_samples=args.num_samples, batch_size=args.batch_size, image_size=args.image_size,
-            sampler=args.sampler, steps=args.steps, ts=ts, generator=args.generator, seed=seed,
+            diffusion, model, kind=parameterization(args.training_mode), num_samples=args.num_samples,
+            batch_size=args.batch_size, image_size=args.image_size,
+            sampler=args.sampler, steps=args.steps, ts=steps["ts"], generator=args.generator, seed=seed,
             class_cond=args.class_cond, num_classes=args.num_classes, class_labels=class_labels, shard_dir=shard_dir,
-            settings=settings, t_mid=t_mid, **sample_kwargs(args),
+            settings=settings, t_mid=steps["t_mid"], **sample_kwargs(args),
         )
 
         def save():

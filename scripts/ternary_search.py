@@ -15,6 +15,7 @@ import torch
 
 from cm import dist_util, logger
 from cm.config import parse_args_with_config
+from cm.methods import parameterization
 from cm.atomic import atomic_write_text
 from cm.image_io import save_npz
 from cm.sample_util import (
@@ -59,7 +60,8 @@ def make_fid_fn(args, model, diffusion, cache):
         known = torch.tensor(float(metrics is not None), device=dist_util.dev())
         if not dist_util.broadcast_from_rank0(known).item():
             images, labels = generate_samples(
-                diffusion, model, num_samples=args.num_samples, batch_size=args.batch_size,
+                diffusion, model, kind=parameterization(args.training_mode), num_samples=args.num_samples,
+                batch_size=args.batch_size,
                 image_size=args.image_size, sampler="multistep", steps=args.steps, ts=ts, generator=args.generator,
                 seed=args.seed, class_cond=args.class_cond, num_classes=args.num_classes, **sample_kwargs(args),
             )

@@ -9,6 +9,7 @@ import torch
 from cm import methods
 from cm.methods import TrainingMethod
 from cm.nn import mean_flat
+from cm.parameterizations import DENOISER, TRIGFLOW
 
 from test_scripts import load_script
 from test_training import TRAIN
@@ -24,9 +25,11 @@ def test_every_published_mode_has_its_method():
 
 
 def test_scalings_follow_the_published_rule():
-    # the published sampling scripts: consistency scalings for every mode named "...consistency..."
-    for name in [n for n in methods.METHODS if methods.parameterization(n) == "karras"]:
-        assert methods.samples_with_boundary_condition(name) == ("consistency" in name), name
+    # the published sampling scripts: consistency scalings for every mode named "...consistency..." (sCM's TrigFlow aside)
+    for name in [n for n in methods.METHODS if methods.parameterization(n) is not TRIGFLOW]:
+        assert methods.parameterization(name).boundary_condition == ("consistency" in name), name
+    assert {n for n in methods.METHODS if methods.parameterization(n) is TRIGFLOW} == {
+        "continuous_consistency_training", "continuous_consistency_distillation"}
     # in training, ECT keeps EDM's scalings (it starts from an EDM model) and so does progdist
     trained = {name for name, cls in methods.METHODS.items() if cls.boundary_condition}
     assert trained == {"consistency_distillation", "consistency_training", "improved_consistency_training"}
@@ -38,7 +41,7 @@ class ShiftedDenoising(TrainingMethod):
 
     name = "toy_shifted_denoising"
     boundary_condition = False
-    samples_with_boundary_condition = False
+    parameterization = DENOISER
     flag_defaults = dict(loss_norm="l2")
 
     def __init__(self, args, diffusion):

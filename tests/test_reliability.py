@@ -8,6 +8,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from cm.run_folder import LOCK_NAME, remove_stale_temporaries
@@ -331,10 +332,11 @@ def test_a_checkpoint_is_sampled_and_distilled_only_as_the_kind_it_was_trained_a
     torch.save(with_config(randomize(model).state_dict(), config), sct)
     edm = edm_teacher / "model000030.pt"  # scripts/edm_train.py's: its config names no --training_mode
     refused = [
-        (f"--model_path {sct} --training_mode consistency_training --double_norm True --sampler onestep",
+        (f"--model_path {sct} --training_mode consistency_training --sampler onestep",
          f"{sct} was trained as --training_mode continuous_consistency_training, an sCM TrigFlow model",
-         "pass --training_mode continuous_consistency_training --time_input identity (got --training_mode "
-         "consistency_training --time_input edm)"),
+         "pass --training_mode continuous_consistency_training or leave them out (got --training_mode consistency_training)"),
+        (f"--model_path {sct} --time_input edm --double_norm False", "continuous_consistency_training",
+         "pass --double_norm True --time_input identity or leave them out (got --double_norm False --time_input edm)"),
         (f"--model_path {edm} --training_mode consistency_training --sampler onestep",
          f"{edm} was trained as --training_mode edm, an EDM-style denoiser", "pass --training_mode edm --sampler heun"),
         (f"--model_path {edm} --training_mode edm --sampler multistep --ts 0,3", "denoiser", "pass --sampler heun"),
@@ -343,10 +345,14 @@ def test_a_checkpoint_is_sampled_and_distilled_only_as_the_kind_it_was_trained_a
         result = sample_run(extra, tmp_path / f"s{i}", monkeypatch, capsys)
         assert result.returncode == 1 and trained in result.stderr and fix in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and not (tmp_path / f"s{i}").exists()
-    for i, extra in enumerate((f"--model_path {sct} --training_mode continuous_consistency_training --time_input identity --double_norm True --sampler onestep",
+    # the file says what it is: no method flags needed, and the same samples as with all of them spelled out
+    for i, extra in enumerate((f"--model_path {sct}",
+                               f"--model_path {sct} --training_mode continuous_consistency_training --time_input identity "
+                               "--double_norm True --sampler onestep",
                                f"--model_path {edm} --training_mode edm --sampler heun")):
         load_script("image_sample").main([*shlex.split(SAMPLE + " " + extra), "--log_dir", str(tmp_path / f"ok{i}")])
-        assert (tmp_path / f"ok{i}" / "samples_2x16x16x3.npz").exists()
+    first, spelled = (np.load(tmp_path / f"ok{i}" / "samples_2x16x16x3.npz")["arr_0"] for i in (0, 1))
+    assert np.array_equal(first, spelled) and (tmp_path / "ok2" / "samples_2x16x16x3.npz").exists()
     # an sCT model is no sCD teacher (nor a CD one): the teacher must be a denoiser
     argv = [*shlex.split(TRAIN + " --training_mode continuous_consistency_distillation --double_norm True "
                          f"--total_training_steps 1 --teacher_model_path {sct}"), "--log_dir", str(tmp_path / "scd")]

@@ -118,8 +118,8 @@ def test_two_processes_give_the_single_process_batch(tmp_path):
 
 
 def test_bad_flags_give_one_clear_line(tmp_path):
-    result = run([sys.executable, "scripts/image_sample.py", *TINY_FLAGS.split(), "--sampler", "multistep",
-                  "--log_dir", str(tmp_path)])
+    result = run([sys.executable, "scripts/image_sample.py", *TINY_FLAGS.split(), "--training_mode", "consistency_training",
+                  "--sampler", "multistep", "--log_dir", str(tmp_path)])
     assert result.returncode != 0 and "--ts" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -152,10 +152,11 @@ class Crash(Exception):
 
 
 def test_interrupted_sampling_resumes_to_the_same_batch(tmp_path, tiny_model_and_diffusion):
+    from cm.parameterizations import CONSISTENCY
     from cm.sample_util import generate_samples
 
     model, diffusion = tiny_model_and_diffusion
-    common = dict(num_samples=11, image_size=16, sampler="multistep", steps=6, ts=(0, 3, 5), class_cond=True,
+    common = dict(kind=CONSISTENCY, num_samples=11, image_size=16, sampler="multistep", steps=6, ts=(0, 3, 5), class_cond=True,
                   num_classes=10, settings={"run": "a"}, progress=False)
     whole, whole_labels = generate_samples(diffusion, model, batch_size=3, shard_dir=str(tmp_path / "w"), **common)
     calls = []

@@ -49,35 +49,12 @@ def mode_flag_defaults():
 
 
 def parameterization(name):
-    """The time variable of --training_mode `name`'s models: "karras" (sigma) or "trigflow" (t)."""
+    """What models of --training_mode `name` are sampled as (a cm.parameterizations object)."""
     return method_class(name).parameterization
 
 
-def samples_with_boundary_condition(name):
-    """Whether models of --training_mode `name` sample with the consistency scalings (the sampling scripts)."""
-    return method_class(name).samples_with_boundary_condition
-
-
-CONSISTENCY_SAMPLERS = ("onestep", "multistep")  # a consistency model's samplers; the others integrate a denoiser's ODE/SDE
-
-# what a network trained by a method computes, and so what samples it or may serve as a teacher
-KINDS = {
-    "denoiser": "an EDM-style denoiser D(x, sigma), sampled with heun, euler, dpm, ancestral or progdist",
-    "consistency": "a consistency model f(x, sigma) with the boundary condition, sampled with onestep or multistep",
-    "trigflow": "an sCM TrigFlow model F(x, t), sampled with onestep or multistep",
-}
-
-
-def model_kind(name):
-    """The KINDS key of models trained with --training_mode `name`."""
-    cls = method_class(name)
-    if cls.parameterization == "trigflow":
-        return "trigflow"
-    return "consistency" if cls.samples_with_boundary_condition else "denoiser"
-
-
-def trained_kind(state_dict):
-    """(--training_mode, model_kind) a checkpoint was trained with, from its stored config; None when it does not say
-    (published or converted files) or names a method unknown here."""
+def trained_parameterization(state_dict):
+    """(--training_mode, its parameterization) a checkpoint was trained with, from its stored config; None when it
+    does not say (published or converted files) or names a method unknown here."""
     mode = stored_training_mode(state_dict)
-    return (mode, model_kind(mode)) if mode in METHODS else None
+    return (mode, parameterization(mode)) if mode in METHODS else None

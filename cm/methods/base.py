@@ -7,6 +7,8 @@ update, the checkpoint files and training state beyond the model, EMAs and optim
 the scalings it trains and samples with, the flags it needs and the flag values it brings.
 """
 
+from ..parameterizations import CONSISTENCY
+
 
 def start_from_teacher(model, build_teacher):
     """The (network, denoiser) of --teacher_model_path, its weights also loaded into the student `model`:
@@ -21,11 +23,10 @@ class TrainingMethod:
     implement draw() and losses(); see cm/methods/edm.py for the smallest one."""
 
     name = ""  # its --training_mode
-    parameterization = "karras"  # its models' time variable: "karras" (sigma, cm.denoiser) or "trigflow" (t, cm.trigflow)
+    parameterization = CONSISTENCY  # what its models are sampled as (cm.parameterizations)
     flag_defaults = {}  # flag values it brings (a --config preset and the command line override them)
     boundary_condition = True  # trains with the consistency scalings f(x, sigma_min) = x (CM paper, eq. 3)
     trains_without_end = False  # --total_training_steps 0 runs until stopped (EDM, as published)
-    samples_with_boundary_condition = True  # its models sample with them
     needs_teacher = False  # requires --teacher_model_path (an EDM checkpoint)
 
     @classmethod

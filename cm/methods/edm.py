@@ -1,6 +1,7 @@
 """EDM training (Karras et al. 2022): denoising score matching at noise levels from the schedule sampler."""
 
 from ..losses import edm_loss
+from ..parameterizations import DENOISER
 from ..schedule import index_to_sigma, lognormal_sigmas
 from .base import TrainingMethod
 
@@ -21,7 +22,7 @@ def sample_edm_sigmas(schedule_sampler, rand, diffusion):
 class EDM(TrainingMethod):
     name = "edm"
     boundary_condition = False
-    samples_with_boundary_condition = False
+    parameterization = DENOISER
     trains_without_end = True
 
     def __init__(self, args, diffusion):

@@ -7,13 +7,14 @@ import torch
 
 from ..checkpoints import CheckpointIO, load_model_weights, with_config
 from ..losses import progdist_loss
+from ..parameterizations import DENOISER
 from .target import TargetNetworkMethod
 
 
 class ProgressiveDistillation(TargetNetworkMethod):
     name = "progdist"
     boundary_condition = False
-    samples_with_boundary_condition = False
+    parameterization = DENOISER
     needs_teacher = True
     runs_teacher = True
 

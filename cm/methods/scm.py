@@ -23,6 +23,7 @@ from .. import dist_util, logger
 from ..checkpoints import CheckpointIO
 from ..denoiser import network_time
 from ..nn import append_dims, mean_flat, timestep_embedding
+from ..parameterizations import TRIGFLOW
 from ..random_util import rng_states, set_rng_states
 from ..jvp import JVP_METHODS, network_jvp
 from ..trigflow import TrigFlowDenoiser, diffuse, lognormal_t, sigma_of_t
@@ -53,9 +54,8 @@ def prior_log_weight(t, sigma_data):
 
 class ContinuousConsistencyTraining(TrainingMethod):
     name = "continuous_consistency_training"
-    parameterization = "trigflow"
+    parameterization = TRIGFLOW
     boundary_condition = False  # TrigFlow's f(x, 0) = x holds by construction
-    samples_with_boundary_condition = False
     # the paper's ImageNet-64 settings for a network trained as TrigFlow: identity time input, adaptive double
     # normalisation (with the scale-shift conditioning), lognormal (-1.0, 1.6); warmup 10k steps, c = 0.1 are the
     # flags' own defaults

@@ -1,0 +1,116 @@
+"""The time parameterisations a model is trained and sampled in, as objects: sampling, editing, the checkpoint
+checks and the converters ask the one a method declares (cm/methods: `parameterization`) instead of comparing
+names of time variables.
+
+- `denoiser`: EDM's noise level sigma and a denoiser D(x, sigma) without the boundary scalings (cm.denoiser);
+  sampled by integrating its ODE or SDE (heun, euler, dpm, ancestral) or progressive distillation's sampler.
+- `consistency`: sigma with the consistency boundary scalings, f(x, sigma_min) = x (CM paper, eq. 3); one step,
+  or multistep on the Karras grid at --ts (CM paper, Algorithm 1).
+- `trigflow`: TrigFlow time t (cm.trigflow; sCM, Lu & Song 2025); one step, or multistep at the times --t_mid.
+
+A new one (the linear flow path of flow-map methods) is one subclass here and one entry of PARAMETERIZATIONS.
+"""
+
+import math
+
+from .samplers import karras_sample
+from .trigflow import SigmaView, TrigFlowDenoiser, sample_trigflow
+
+
+def parse_int_list(text, flag):
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--{flag} must be comma-separated integers, got {text!r}") from None
+
+
+def check_grid_indices(ts, steps):
+    """--ts: at least two strictly increasing indices of the --steps-point Karras grid."""
+    if len(ts) < 2 or any(not 0 <= t < steps for t in ts) or list(ts) != sorted(set(ts)):
+        raise ValueError(f"--ts must be two or more increasing grid indices in 0..{steps - 1} (--steps {steps}), "
+                         f"e.g. 0,{steps // 2},{steps - 1}; got {','.join(map(str, ts)) or 'none'}")
+
+
+class Parameterization:
+    """What a model's time variable decides outside training. Subclasses set the attributes and the methods."""
+
+    name = ""
+    description = ""  # what such a model is, for messages
+    samplers = ()  # the --sampler values it is sampled with, the default first
+    boundary_condition = False  # sampled with the consistency scalings (create_model_and_diffusion's distillation)
+    stored_flags = ()  # flags a checkpoint must agree on beyond cm.checkpoints.UNSEEN_FLAGS
+
+    def check_sampler(self, sampler, training_mode):
+        if sampler not in self.samplers:
+            raise ValueError(f"--sampler {sampler} does not sample --training_mode {training_mode}: its models are "
+                             f"{self.description}")
+
+    def sampler_steps(self, args):
+        """The checked settings of --sampler's steps besides --steps: {"ts": grid indices, "t_mid": times}."""
+        return {"ts": None, "t_mid": ()}
+
+    def sampling_denoiser(self, diffusion, args):
+        """The object the samplers call denoise() on, from the network's KarrasDenoiser and the flags."""
+        return diffusion
+
+    def editing_denoiser(self, denoiser, args):
+        """The denoiser as the editing loops of cm/editing.py see it: in EDM's noise levels."""
+        return denoiser
+
+    def sample(self, denoiser, model, shape, generator, *, sampler, steps, ts, t_mid, model_kwargs, device, **sample_kwargs):
+        raise NotImplementedError
+
+
+class KarrasSigma(Parameterization):
+    def __init__(self, name, description, samplers, boundary_condition):
+        self.name, self.description, self.samplers = name, description, samplers
+        self.boundary_condition = boundary_condition
+
+    def sampler_steps(self, args):
+        if args.sampler != "multistep":
+            return super().sampler_steps(args)
+        ts = parse_int_list(args.ts, "ts")
+        check_grid_indices(ts, args.steps)
+        return {"ts": ts, "t_mid": ()}
+
+    def sample(self, denoiser, model, shape, generator, *, sampler, steps, ts, t_mid, model_kwargs, device, **sample_kwargs):
+        return karras_sample(denoiser, model, shape, steps=steps, model_kwargs=model_kwargs, device=device,
+                             sampler=sampler, generator=generator, ts=ts, **sample_kwargs)
+
+
+class TrigFlow(Parameterization):
+    name = "trigflow"
+    description = "an sCM TrigFlow model F(x, t), sampled with onestep or multistep"
+    samplers = ("onestep", "multistep")
+    stored_flags = ("time_input",)
+
+    def sampler_steps(self, args):
+        """sCM's intermediate times of --sampler multistep (--t_mid, decreasing, in (0, pi/2)); () for one step."""
+        if args.sampler != "multistep":
+            return super().sampler_steps(args)
+        try:
+            times = tuple(float(v) for v in args.t_mid.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"--t_mid must be comma-separated numbers, got {args.t_mid!r}") from None
+        if not times or any(not 0 < t < math.pi / 2 for t in times) or list(times) != sorted(times, reverse=True):
+            raise ValueError(f"--t_mid must be decreasing times in (0, pi/2), e.g. 1.1; got {args.t_mid!r}")
+        return {"ts": None, "t_mid": times}
+
+    def sampling_denoiser(self, diffusion, args):
+        # f = cos(t) x - sin(t) sigma_d F, from the network's own sigma_data, sigma_max and c_noise
+        return TrigFlowDenoiser(diffusion.sigma_data, args.time_input, diffusion.sigma_max, diffusion.c_noise)
+
+    def editing_denoiser(self, denoiser, args):
+        return SigmaView(denoiser, args.sigma_min)  # (rho 7, the grid of --ts)
+
+    def sample(self, denoiser, model, shape, generator, *, sampler, steps, ts, t_mid, model_kwargs, device, **sample_kwargs):
+        return sample_trigflow(denoiser, model, shape, generator, ts=t_mid, model_kwargs=model_kwargs, device=device,
+                               clip_denoised=sample_kwargs["clip_denoised"])
+
+
+DENOISER = KarrasSigma("denoiser", "an EDM-style denoiser D(x, sigma), sampled with heun, euler, dpm, ancestral or progdist",
+                       ("heun", "euler", "dpm", "ancestral", "progdist"), boundary_condition=False)
+CONSISTENCY = KarrasSigma("consistency", "a consistency model f(x, sigma) with the boundary condition, sampled with "
+                          "onestep or multistep", ("onestep", "multistep"), boundary_condition=True)
+TRIGFLOW = TrigFlow()
+PARAMETERIZATIONS = {p.name: p for p in (DENOISER, CONSISTENCY, TRIGFLOW)}
