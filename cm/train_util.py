@@ -30,6 +30,7 @@ from .ema import EMASet
 from .phema import power_beta, std_to_exp
 from .run_folder import release_run_folder
 from .fast_paths import apply_fast_paths
+from .methods import MethodContext
 
 INITIAL_LOG_LOSS_SCALE = 20.0  # published: lg_loss_scale climbs to 20-21 within ~1K ImageNet steps
 
@@ -241,7 +242,7 @@ class TrainLoop:
         self.opt = self._new_optimizer()
         self.ema = EMASet(self.ema_rate, self.precision.master_params)
         self.phema = EMASet(self.phema_std, self.precision.master_params)  # power-function EMAs (cm.phema)
-        method.setup(self, resume_path)
+        method.setup(self.method_context(), resume_path)
         if resume_path:
             self._load_training_state(resume_path)
 
@@ -253,6 +254,13 @@ class TrainLoop:
         ids = [self.device] if self.device.type == "cuda" else None
         return DDP(model, device_ids=ids, output_device=ids and ids[0], broadcast_buffers=False,
                    bucket_cap_mb=128, find_unused_parameters=False)
+
+    def method_context(self):
+        """What the method is handed of the run (cm.methods.MethodContext), never the loop itself."""
+        return MethodContext(step=self.step, device=self.device, world_size=self.world_size, precision=self.precision.mode,
+                             fast_paths=self.fast_paths, config=self.config, model=self.model,
+                             master_params=self.precision.master_params, state_dict_of=self.params_state_dict,
+                             restart_optimization=self.restart_optimization)
 
     def checkpoint_names(self, step):
         """The files one complete checkpoint consists of; the model file is written last."""
@@ -381,7 +389,7 @@ class TrainLoop:
             images = (self.step + 1) * self.global_batch  # the time of the power-function profiles, in images
             phema = [(p, power_beta(g, images, self.global_batch)) for g, p in zip(self.phema_gamma, self.phema.params)]
             self.ema.update(self.precision.master_params, also=list(self.method.averages(self.step)) + phema)
-            self.method.after_step(self)
+            self.method.after_step(self.method_context())
             self.step += 1
         self._anneal_lr()
         return took
@@ -487,7 +495,7 @@ class TrainLoop:
         files = {f"ema_{rate}_{step:06d}.pt": self.params_state_dict(p) for rate, p in zip(self.ema_rate, self.ema.params)}
         files.update(self.phema_files(step))
         files[f"opt{step:06d}.pt"] = self.opt.state_dict()
-        files.update(self.method.checkpoint_files(self, step))
+        files.update(self.method.checkpoint_files(self.method_context(), step))
         files[f"train_state{step:06d}.pt"] = self.training_state()
         files[f"model{step:06d}.pt"] = self.params_state_dict(self.precision.master_params)
         self.checkpoints.save(step, files)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cm import methods
-from cm.methods import TrainingMethod
+from cm.methods import MethodContext, TrainingMethod
 from cm.nn import mean_flat
 from cm.parameterizations import DENOISER, TRIGFLOW
 
@@ -57,7 +57,11 @@ class ShiftedDenoising(TrainingMethod):
         _, denoised = self.diffusion.denoise(model, micro + rows["noise"] * self.sigma, sigmas, **cond)
         return {"loss": mean_flat((denoised - micro) ** 2)}
 
-    def after_step(self, loop):
+    def setup(self, ctx, resume_path):
+        assert type(ctx) is MethodContext  # the method is handed the run's context, never the loop
+
+    def after_step(self, ctx):
+        assert type(ctx) is MethodContext and ctx.precision == "fp32" and ctx.world_size == 1
         self.calls += 1
         self.sigma *= 1.1
 
@@ -67,7 +71,8 @@ class ShiftedDenoising(TrainingMethod):
     def checkpoint_names(self, step):
         return [f"toy{step:06d}.pt"]
 
-    def checkpoint_files(self, loop, step):
+    def checkpoint_files(self, ctx, step):
+        assert type(ctx) is MethodContext and ctx.step == step
         return {f"toy{step:06d}.pt": {"sigma": torch.tensor(self.sigma)}}
 
     def state(self):

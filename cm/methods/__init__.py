@@ -5,6 +5,7 @@ Adding a method: one module here with a TrainingMethod subclass (cm/methods/base
 """
 
 from ..checkpoints import stored_training_mode
+from .base import MethodContext as MethodContext  # (what methods are handed; cm.train_util builds it)
 from .base import TrainingMethod
 from .consistency import ConsistencyDistillation, ConsistencyTraining, ImprovedConsistencyTraining
 from .ect import EasyConsistencyTuning

@@ -7,7 +7,29 @@ update, the checkpoint files and training state beyond the model, EMAs and optim
 the scalings it trains and samples with, the flags it needs and the flag values it brings.
 """
 
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
 from ..parameterizations import CONSISTENCY
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method is handed of the training run, never the loop itself: where the run stands and the few things
+    a method may do to it."""
+
+    step: int  # the step about to be taken (setup), or just taken and not yet counted (after_step)
+    device: torch.device
+    world_size: int
+    precision: str  # the torso's precision: "fp32", "bf16" or "fp16" (float32 master weights, loss scaling)
+    fast_paths: dict  # cm.fast_paths switches, for the method's own networks
+    config: dict  # the run's resolved config, stored in every file the method saves
+    model: torch.nn.Module  # the online network (not its DDP wrapper)
+    master_params: list  # the float32 weights the optimizer steps (the model's own parameters unless fp16)
+    state_dict_of: Callable  # (params, model=None) -> the model's state dict holding `params`, the run's config attached
+    restart_optimization: Callable  # () -> a fresh optimizer and sampling averages at the current weights
 
 
 def start_from_teacher(model, build_teacher):
@@ -54,9 +76,10 @@ class TrainingMethod:
                 "--resume_checkpoint)"
             )
 
-    def setup(self, loop, resume_path):
+    def setup(self, ctx, resume_path):
         """Once the loop holds the model (resumed from `resume_path`, or None), its precision and
-        optimizer: bring the extra networks to the same state (their files of that checkpoint)."""
+        optimizer (`ctx`, a MethodContext): bring the extra networks to the same state (their files of that
+        checkpoint)."""
 
     # ---- one step ----------------------------------------------------------------------------
 
@@ -73,7 +96,7 @@ class TrainingMethod:
         in one fused update after each optimizer step."""
         return []
 
-    def after_step(self, loop):
+    def after_step(self, ctx):
         """After the optimizer step and the averages, before the loop's step count moves on."""
 
     def lr(self, base_lr, step, lr_anneal_steps):
@@ -96,7 +119,7 @@ class TrainingMethod:
         """The method's files of the checkpoint at `step`."""
         return []
 
-    def checkpoint_files(self, loop, step):
+    def checkpoint_files(self, ctx, step):
         """{file name: state dict} of those files."""
         return {}
 

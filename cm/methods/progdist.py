@@ -22,8 +22,8 @@ class ProgressiveDistillation(TargetNetworkMethod):
         super().__init__(args, diffusion)
         self.stage_start = 0  # the step the current stage began
 
-    def setup_teacher(self, loop, resume_path):
-        teacher_file = resume_path and CheckpointIO.companion(resume_path, f"teacher_model{loop.step:06d}.pt")
+    def setup_teacher(self, ctx, resume_path):
+        teacher_file = resume_path and CheckpointIO.companion(resume_path, f"teacher_model{ctx.step:06d}.pt")
         if teacher_file:
             load_model_weights(self.teacher_model, teacher_file, what="teacher checkpoint")
 
@@ -41,15 +41,15 @@ class ProgressiveDistillation(TargetNetworkMethod):
             rows["noise"], rows["indices"], self.diffusion.lpips_network(micro.device),
         )
 
-    def after_step(self, loop):
-        super().after_step(loop)
-        if self.ema_scale_fn(loop.step + 1)[1] == self.ema_scale_fn(loop.step)[1]:
+    def after_step(self, ctx):
+        super().after_step(ctx)
+        if self.ema_scale_fn(ctx.step + 1)[1] == self.ema_scale_fn(ctx.step)[1]:
             return
         with torch.no_grad():
-            for t, p in zip(self.teacher_model.parameters(), loop.precision.master_params):
+            for t, p in zip(self.teacher_model.parameters(), ctx.master_params):
                 t.copy_(p)
-        loop.restart_optimization()
-        self.stage_start = loop.step + 1
+        ctx.restart_optimization()
+        self.stage_start = ctx.step + 1
 
     def lr(self, base_lr, step, lr_anneal_steps):
         if not lr_anneal_steps:
@@ -61,9 +61,9 @@ class ProgressiveDistillation(TargetNetworkMethod):
     def checkpoint_names(self, step):
         return super().checkpoint_names(step) + [f"teacher_model{step:06d}.pt"]
 
-    def checkpoint_files(self, loop, step):
-        files = super().checkpoint_files(loop, step)
-        files[f"teacher_model{step:06d}.pt"] = with_config(self.teacher_model.state_dict(), loop.config)
+    def checkpoint_files(self, ctx, step):
+        files = super().checkpoint_files(ctx, step)
+        files[f"teacher_model{step:06d}.pt"] = with_config(self.teacher_model.state_dict(), ctx.config)
         return files
 
     def state(self):

@@ -95,14 +95,14 @@ class ContinuousConsistencyTraining(TrainingMethod):
             self.weight_head = AdaptiveWeight(sigma_data=self.trigflow.sigma_data).to(device)
             self.weight_opt = RAdam(self.weight_head.parameters(), lr=self.head_lr)
 
-    def setup(self, loop, resume_path):
-        head_file = resume_path and CheckpointIO.companion(resume_path, f"scm_weight{loop.step:06d}.pt")
+    def setup(self, ctx, resume_path):
+        head_file = resume_path and CheckpointIO.companion(resume_path, f"scm_weight{ctx.step:06d}.pt")
         if self.weight_head is not None and head_file:
-            state = CheckpointIO.load(head_file, map_location=loop.device)
+            state = CheckpointIO.load(head_file, map_location=ctx.device)
             self.weight_head.load_state_dict(state["head"])
             self.weight_opt.load_state_dict(state["opt"])
         elif self.weight_head is not None and resume_path:  # a run that used the prior weighting until now
-            logger.log(f"no scm_weight{loop.step:06d}.pt beside {resume_path}: the adaptive weight w(t) starts at 0")
+            logger.log(f"no scm_weight{ctx.step:06d}.pt beside {resume_path}: the adaptive weight w(t) starts at 0")
 
     def tangent_r(self, step):
         return min(1.0, step / self.warmup_steps) if self.warmup_steps > 0 else 1.0
@@ -145,7 +145,7 @@ class ContinuousConsistencyTraining(TrainingMethod):
             w = self.weight_head(t) if self.weight_head is not None else prior_log_weight(t, sd)
         return {"loss": torch.exp(-w) * mse + w, "mse": mse, "tangent_norm": g_norm, "log_weight": w}
 
-    def after_step(self, loop):
+    def after_step(self, ctx):
         if self.weight_head is None:
             return
         for p in self.weight_head.parameters():
@@ -160,7 +160,7 @@ class ContinuousConsistencyTraining(TrainingMethod):
     def checkpoint_names(self, step):
         return [f"scm_weight{step:06d}.pt"] if self.weight_head is not None else []
 
-    def checkpoint_files(self, loop, step):
+    def checkpoint_files(self, ctx, step):
         if self.weight_head is None:
             return {}
         return {f"scm_weight{step:06d}.pt": {"head": self.weight_head.state_dict(), "opt": self.weight_opt.state_dict()}}

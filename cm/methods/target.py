@@ -52,17 +52,17 @@ class TargetNetworkMethod(TrainingMethod):
                     self.teacher_model.convert_to_fp16()
         self.target_model = copy.deepcopy(model)  # f^- starts as the online network
 
-    def setup(self, loop, resume_path):
+    def setup(self, ctx, resume_path):
         self.target_model.requires_grad_(False)
         self.target_model.train()  # dropout as in the online network (its mask state is shared)
-        target_file = resume_path and CheckpointIO.companion(resume_path, f"target_model{loop.step:06d}.pt")
+        target_file = resume_path and CheckpointIO.companion(resume_path, f"target_model{ctx.step:06d}.pt")
         if target_file:
             load_model_weights(self.target_model, target_file, what="target checkpoint")
         elif resume_path:
             # fine-tuning from a bare model file (a published or converted checkpoint): the target
             # starts as the loaded network (the published loop left it at the random initialisation)
-            self.target_model.load_state_dict(loop.model.state_dict())
-        if loop.precision.mode == "fp16":
+            self.target_model.load_state_dict(ctx.model.state_dict())
+        if ctx.precision == "fp16":
             self.target_master = [p.detach().float().clone() for p in self.target_model.parameters()]
             self.target_model.convert_to_fp16()
         else:
@@ -70,18 +70,18 @@ class TargetNetworkMethod(TrainingMethod):
         if self.teacher_model is not None:
             self.teacher_model.requires_grad_(False)
             self.teacher_model.eval()
-        self.setup_teacher(loop, resume_path)
-        apply_fast_paths([self.target_model, self.teacher_model], **loop.fast_paths)
+        self.setup_teacher(ctx, resume_path)
+        apply_fast_paths([self.target_model, self.teacher_model], **ctx.fast_paths)
 
-    def setup_teacher(self, loop, resume_path):
+    def setup_teacher(self, ctx, resume_path):
         """Bring the teacher to the resumed state (progressive distillation's changes during training)."""
 
     def averages(self, step):
         target_ema, _ = self.ema_scale_fn(step)
         return [(self.target_master, target_ema)]
 
-    def after_step(self, loop):
-        if loop.precision.mode == "fp16":
+    def after_step(self, ctx):
+        if ctx.precision == "fp16":
             with torch.no_grad():
                 for p, master in zip(self.target_model.parameters(), self.target_master):
                     p.copy_(master)
@@ -93,5 +93,5 @@ class TargetNetworkMethod(TrainingMethod):
     def checkpoint_names(self, step):
         return [f"target_model{step:06d}.pt"]
 
-    def checkpoint_files(self, loop, step):
-        return {f"target_model{step:06d}.pt": loop.params_state_dict(self.target_master, self.target_model)}
+    def checkpoint_files(self, ctx, step):
+        return {f"target_model{step:06d}.pt": ctx.state_dict_of(self.target_master, self.target_model)}
