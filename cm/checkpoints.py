@@ -11,6 +11,8 @@ import json
 import os
 import re
 import zipfile
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -18,6 +20,7 @@ from . import dist_util, logger
 from .atomic import atomic_write, write_failure
 
 MODEL_FILE = re.compile(r"^model(\d{6,})\.pt$")
+STEP_FILE = re.compile(r"^(?!.*\.tmp\d)(\w[\w.]*\D)?(\d{6,})\.pt$")  # any file of a checkpoint: NAMENNNNNN.pt (not a temporary)
 
 
 def file_sha256(path):
@@ -157,32 +160,56 @@ def load_model_weights(model, path, state_dict=None, what="checkpoint"):
     return model
 
 
-class CheckpointIO:
-    """The checkpoints of one training run in `folder`, under the published file names.
+@dataclass(frozen=True)
+class Saved:
+    """One file of a training checkpoint, declared once under its name NAME (the file NAMENNNNNN.pt): `state()`
+    is what is written; `load(path)` restores it from a resumed checkpoint's file; `missing(model_path)` runs when
+    that checkpoint has no such file (an average new to the run, a bare model file resumed)."""
 
-    `names(step)` lists the files of a checkpoint that today's flags write, the model file
-    (modelNNNNNN.pt) last: it is written last, so a model file present means its checkpoint is
-    complete, whatever files today's flags add (the role of EDM2's CheckpointIO, with one file per
+    state: Callable
+    load: Callable = None  # None: restored elsewhere (the model file, read before anything else is built)
+    missing: Callable = None
+
+
+class CheckpointIO:
+    """The checkpoints of one training run in `folder`, under the published file names: each file a Saved object
+    declared once by name (`files`: {NAME: Saved} in writing order; the model last), from which the file names,
+    saving and restoring follow. The model file (modelNNNNNN.pt) is written last, so a model file present means its
+    checkpoint is complete, whatever files today's flags add (the role of EDM2's CheckpointIO, with one file per
     network as published)."""
 
-    def __init__(self, folder, names):
+    def __init__(self, folder):
         self.folder = folder
-        self.names = names
 
     def newest(self):
-        """The model file of the newest complete checkpoint in the folder, or None. A file of it cut short
-        (no zip directory at its end: torch.save's files are zip archives) passes it over, with a line in
-        the log; a file it lacks is one that today's flags add (a new EMA rate): the loop starts that
-        from the resumed state, so that the run is never restarted from step 0 over its checkpoints."""
+        """The model file of the newest complete checkpoint in the folder, or None. A file of its step cut short
+        (no zip directory at its end: torch.save's files are zip archives) passes it over, with a line in the log;
+        a file it lacks is one that today's flags add (a new EMA rate): the loop starts that from the resumed
+        state, so that the run is never restarted from step 0 over its checkpoints."""
         steps = sorted((parse_resume_step_from_filename(f) for f in self._model_files()), reverse=True)
         for step in steps:
-            paths = [p for p in (os.path.join(self.folder, n) for n in self.names(step)) if os.path.exists(p)]
+            paths = sorted(os.path.join(self.folder, n) for n in os.listdir(self.folder)
+                           if (m := STEP_FILE.match(n)) and int(m.group(2)) == step)
             broken = [p for p in paths if not zipfile.is_zipfile(p)]
             if broken:
                 logger.log(f"passing over checkpoint {step:06d}: {broken[0]} is truncated or not a checkpoint")
                 continue
-            return paths[-1]
+            return os.path.join(self.folder, f"model{step:06d}.pt")
         return None
+
+    def restore(self, model_path, step, files):
+        """Each Saved of `files` ({NAME: Saved}) from its file beside `model_path` at `step`, in order; missing()
+        for those the checkpoint lacks."""
+        for name, saved in files.items():
+            path = self.companion(model_path, f"{name}{step:06d}.pt")
+            if path and saved.load is not None:
+                saved.load(path)
+            elif not path and saved.missing is not None:
+                saved.missing(model_path)
+
+    def save_files(self, step, files):
+        """Write the state of each Saved of `files` ({NAME: Saved}, the model last) as the checkpoint at `step`."""
+        self.save(step, {f"{name}{step:06d}.pt": saved.state() for name, saved in files.items()})
 
     def resume_path(self, given=""):
         """`given` (--resume_checkpoint) if set, else the newest complete checkpoint (None: a fresh run)."""

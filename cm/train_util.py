@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import time
+from functools import partial
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -24,7 +25,7 @@ from torch.optim import Adam, RAdam
 from tqdm.auto import tqdm
 
 from . import dist_util, logger
-from .checkpoints import CheckpointIO, load_model_weights, parse_resume_step_from_filename, with_config
+from .checkpoints import CheckpointIO, Saved, load_model_weights, parse_resume_step_from_filename, with_config
 from .cli import NonFiniteLossError
 from .ema import EMASet
 from .phema import power_beta, std_to_exp
@@ -225,7 +226,7 @@ class TrainLoop:
         self.first_bad_step = None  # device tensor: the first step whose loss was not finite
         self.last_inputs = None  # the last step's first microbatch: what a checkpoint's weights are checked on
         self.means = DeviceMeans()
-        self.checkpoints = CheckpointIO(logger.get_dir(), self.checkpoint_names)
+        self.checkpoints = CheckpointIO(logger.get_dir())
 
         resume_path = self.checkpoints.resume_path(resume_checkpoint)
         self.resumed_step = None
@@ -242,9 +243,13 @@ class TrainLoop:
         self.opt = self._new_optimizer()
         self.ema = EMASet(self.ema_rate, self.precision.master_params)
         self.phema = EMASet(self.phema_std, self.precision.master_params)  # power-function EMAs (cm.phema)
-        method.setup(self.method_context(), resume_path)
+        loop_files = self.saved_files()  # (the method's first, then the loop's; the model was read above)
+        method_files = {name: loop_files.pop(name) for name in method.saved(self.method_context())}
         if resume_path:
-            self._load_training_state(resume_path)
+            self.checkpoints.restore(resume_path, self.step, method_files)
+        method.setup(self.method_context(), bool(resume_path))
+        if resume_path:
+            self.checkpoints.restore(resume_path, self.step, loop_files)
 
     # ---- construction and resume ------------------------------------------------------------
 
@@ -262,41 +267,42 @@ class TrainLoop:
                              master_params=self.precision.master_params, state_dict_of=self.params_state_dict,
                              restart_optimization=self.restart_optimization)
 
-    def checkpoint_names(self, step):
-        """The files one complete checkpoint consists of; the model file is written last."""
-        names = [f"ema_{rate}_{step:06d}.pt" for rate in self.ema_rate]
-        names += [f"phema_{std}_{step:06d}.pt" for std in self.phema_std]
-        names += [f"opt{step:06d}.pt", f"train_state{step:06d}.pt"]
-        return self.method.checkpoint_names(step) + names + [f"model{step:06d}.pt"]
+    def saved_files(self):
+        """{NAME: cm.checkpoints.Saved}: every file of a checkpoint (NAMENNNNNN.pt) declared once, the method's
+        first, the model last (written last: a model file present means its checkpoint is complete)."""
+        files = dict(self.method.saved(self.method_context()))
+        for rate, params in zip(self.ema_rate, self.ema.params):
+            files[f"ema_{rate}_"] = self._saved_average(f"ema_{rate}_", params, partial(self.params_state_dict, params))
+        for std, params in zip(self.phema_std, self.phema.params):
+            files[f"phema_{std}_"] = self._saved_average(f"phema_{std}_", params, partial(self.phema_state, std, params))
+        files["opt"] = Saved(
+            state=lambda: self.opt.state_dict(),
+            load=lambda path: self.opt.load_state_dict(self.checkpoints.load(path, map_location=self.device)),
+            missing=lambda path: logger.log(f"no opt{self.step:06d}.pt beside {path}: the optimizer starts afresh"))
+        files["train_state"] = Saved(state=self.training_state, load=self._load_training_state)
+        files["model"] = Saved(state=lambda: self.params_state_dict(self.precision.master_params))  # (read in __init__)
+        return files
+
+    def _saved_average(self, name, params, state):
+        def load(path):
+            saved = self.checkpoints.load(path, map_location=self.device)
+            for p, (key, _) in zip(params, self.model.named_parameters()):
+                p.copy_(saved[key])
+
+        # a rate or std new to this run (or a bare model file resumed): it starts from the resumed weights
+        return Saved(state=state, load=load, missing=lambda path: logger.log(
+            f"no {name}{self.step:06d}.pt beside {path}: that average starts from the resumed model weights"))
 
     def _load_training_state(self, path):
-        step, companion = self.step, self.checkpoints.companion
-        opt_path = companion(path, f"opt{step:06d}.pt")
-        if opt_path:
-            self.opt.load_state_dict(self.checkpoints.load(opt_path, map_location=self.device))
-        else:
-            logger.log(f"no opt{step:06d}.pt beside {path}: the optimizer starts afresh")
-        averages = [(f"ema_{rate}_{step:06d}.pt", p) for rate, p in zip(self.ema_rate, self.ema.params)]
-        averages += [(f"phema_{std}_{step:06d}.pt", p) for std, p in zip(self.phema_std, self.phema.params)]
-        for name, params in averages:
-            ema_path = companion(path, name)
-            if ema_path:
-                state = self.checkpoints.load(ema_path, map_location=self.device)
-                for p, (key, _) in zip(params, self.model.named_parameters()):
-                    p.copy_(state[key])
-            else:  # a rate or std new to this run (or a bare model file resumed)
-                logger.log(f"no {name} beside {path}: that average starts from the resumed model weights")
-        state_path = companion(path, f"train_state{step:06d}.pt")
-        if state_path:
-            state = self.checkpoints.load(state_path, map_location="cpu")
-            self.batches_consumed = int(state["batches_consumed"])
-            self.precision.lg_loss_scale = float(state["lg_loss_scale"])
-            self.method.load_state(state)
-            # skip first: starting the data stream may draw from the global RNG, which is restored after
-            self._skip_consumed_batches()
-            torch.set_rng_state(state["rng_cpu"])
-            if self.device.type == "cuda" and state.get("rng_cuda") is not None:
-                torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        state = self.checkpoints.load(path, map_location="cpu")
+        self.batches_consumed = int(state["batches_consumed"])
+        self.precision.lg_loss_scale = float(state["lg_loss_scale"])
+        self.method.load_state(state)
+        # skip first: starting the data stream may draw from the global RNG, which is restored after
+        self._skip_consumed_batches()
+        torch.set_rng_state(state["rng_cpu"])
+        if self.device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
 
     def _skip_consumed_batches(self):
         """Move the data stream to where the checkpointed run stopped."""
@@ -353,7 +359,8 @@ class TrainLoop:
                 last_saved = self.step
             elif took and self._phema_snapshot_due():
                 self._check_before_saving()
-                self.checkpoints.save(self.step, self.phema_files(self.step))
+                # (a snapshot between checkpoints: the power-function EMA files alone)
+                self.checkpoints.save_files(self.step, {n: f for n, f in self.saved_files().items() if n.startswith("phema_")})
         bar.close()
         if last_saved != self.step:
             self.save()
@@ -467,14 +474,10 @@ class TrainLoop:
         images = self.step * self.global_batch
         return images // self.phema_interval > (images - self.global_batch) // self.phema_interval
 
-    def phema_files(self, step):
-        """phema_STD_NNNNNN.pt of every profile: its average as a model file, the profile in its config."""
-        files = {}
-        for std, params in zip(self.phema_std, self.phema.params):
-            state = self.params_state_dict(params)
-            profile = {"std": std, "step": step, "images": step * self.global_batch, "batch": self.global_batch}
-            files[f"phema_{std}_{step:06d}.pt"] = with_config(state, {**(self.config or {}), "phema": profile})
-        return files
+    def phema_state(self, std, params):
+        """The power-function EMA of `std` at this step as a model file, its profile in its config (cm.phema)."""
+        profile = {"std": std, "step": self.step, "images": self.step * self.global_batch, "batch": self.global_batch}
+        return with_config(self.params_state_dict(params), {**(self.config or {}), "phema": profile})
 
     def training_state(self):
         return {
@@ -491,11 +494,4 @@ class TrainLoop:
         """Write every file of the checkpoint at this step, each atomically, the model file last:
         a model file present means its checkpoint is complete."""
         self._check_before_saving()
-        step = self.step
-        files = {f"ema_{rate}_{step:06d}.pt": self.params_state_dict(p) for rate, p in zip(self.ema_rate, self.ema.params)}
-        files.update(self.phema_files(step))
-        files[f"opt{step:06d}.pt"] = self.opt.state_dict()
-        files.update(self.method.checkpoint_files(self.method_context(), step))
-        files[f"train_state{step:06d}.pt"] = self.training_state()
-        files[f"model{step:06d}.pt"] = self.params_state_dict(self.precision.master_params)
-        self.checkpoints.save(step, files)
+        self.checkpoints.save_files(self.step, self.saved_files())

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cm import methods
+from cm.checkpoints import Saved
 from cm.methods import MethodContext, TrainingMethod
 from cm.nn import mean_flat
 from cm.parameterizations import DENOISER, TRIGFLOW
@@ -57,7 +58,7 @@ class ShiftedDenoising(TrainingMethod):
         _, denoised = self.diffusion.denoise(model, micro + rows["noise"] * self.sigma, sigmas, **cond)
         return {"loss": mean_flat((denoised - micro) ** 2)}
 
-    def setup(self, ctx, resume_path):
+    def setup(self, ctx, resumed):
         assert type(ctx) is MethodContext  # the method is handed the run's context, never the loop
 
     def after_step(self, ctx):
@@ -68,12 +69,9 @@ class ShiftedDenoising(TrainingMethod):
     def log_values(self, step):
         return {"toy_sigma": self.sigma}
 
-    def checkpoint_names(self, step):
-        return [f"toy{step:06d}.pt"]
-
-    def checkpoint_files(self, ctx, step):
-        assert type(ctx) is MethodContext and ctx.step == step
-        return {f"toy{step:06d}.pt": {"sigma": torch.tensor(self.sigma)}}
+    def saved(self, ctx):
+        assert type(ctx) is MethodContext
+        return {"toy": Saved(state=lambda: {"sigma": torch.tensor(self.sigma)})}  # (state() below restores the run)
 
     def state(self):
         return {"toy_sigma": self.sigma}

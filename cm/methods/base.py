@@ -76,10 +76,9 @@ class TrainingMethod:
                 "--resume_checkpoint)"
             )
 
-    def setup(self, ctx, resume_path):
-        """Once the loop holds the model (resumed from `resume_path`, or None), its precision and
-        optimizer (`ctx`, a MethodContext): bring the extra networks to the same state (their files of that
-        checkpoint)."""
+    def setup(self, ctx, resumed):
+        """Once the loop holds the model, its precision and optimizer (`ctx`, a MethodContext), and the method's
+        saved files are restored (`resumed`: whether the run resumed): ready the extra networks for training."""
 
     # ---- one step ----------------------------------------------------------------------------
 
@@ -115,12 +114,9 @@ class TrainingMethod:
 
     # ---- checkpoints -------------------------------------------------------------------------
 
-    def checkpoint_names(self, step):
-        """The method's files of the checkpoint at `step`."""
-        return []
-
-    def checkpoint_files(self, ctx, step):
-        """{file name: state dict} of those files."""
+    def saved(self, ctx):
+        """{NAME: cm.checkpoints.Saved}: the method's files of every checkpoint (NAMENNNNNN.pt), declared once:
+        what each holds, and how a resumed checkpoint's file (or its absence) restores it, before setup()."""
         return {}
 
     def state(self):

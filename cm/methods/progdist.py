@@ -5,7 +5,7 @@ sampled with EDM's scalings."""
 
 import torch
 
-from ..checkpoints import CheckpointIO, load_model_weights, with_config
+from ..checkpoints import Saved, load_model_weights, with_config
 from ..losses import progdist_loss
 from ..parameterizations import DENOISER
 from .target import TargetNetworkMethod
@@ -21,11 +21,6 @@ class ProgressiveDistillation(TargetNetworkMethod):
     def __init__(self, args, diffusion):
         super().__init__(args, diffusion)
         self.stage_start = 0  # the step the current stage began
-
-    def setup_teacher(self, ctx, resume_path):
-        teacher_file = resume_path and CheckpointIO.companion(resume_path, f"teacher_model{ctx.step:06d}.pt")
-        if teacher_file:
-            load_model_weights(self.teacher_model, teacher_file, what="teacher checkpoint")
 
     def draw(self, rand, batch, step):
         noise = rand.randn(*batch.shape[1:])
@@ -58,13 +53,11 @@ class ProgressiveDistillation(TargetNetworkMethod):
         length = lr_anneal_steps * (2 if self.ema_scale_fn(step)[1] <= 2 else 1)
         return base_lr * max(1 - (step - self.stage_start) / length, 0.0)
 
-    def checkpoint_names(self, step):
-        return super().checkpoint_names(step) + [f"teacher_model{step:06d}.pt"]
-
-    def checkpoint_files(self, ctx, step):
-        files = super().checkpoint_files(ctx, step)
-        files[f"teacher_model{step:06d}.pt"] = with_config(self.teacher_model.state_dict(), ctx.config)
-        return files
+    def saved(self, ctx):
+        # the teacher as it is at the checkpoint (the student of the stage's start)
+        return super().saved(ctx) | {"teacher_model": Saved(
+            state=lambda: with_config(self.teacher_model.state_dict(), ctx.config),
+            load=lambda path: load_model_weights(self.teacher_model, path, what="teacher checkpoint"))}
 
     def state(self):
         return {"stage_start": self.stage_start}

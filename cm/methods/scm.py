@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.optim import RAdam
 
 from .. import dist_util, logger
-from ..checkpoints import CheckpointIO
+from ..checkpoints import CheckpointIO, Saved
 from ..denoiser import network_time
 from ..nn import append_dims, mean_flat, timestep_embedding
 from ..parameterizations import TRIGFLOW
@@ -95,14 +95,10 @@ class ContinuousConsistencyTraining(TrainingMethod):
             self.weight_head = AdaptiveWeight(sigma_data=self.trigflow.sigma_data).to(device)
             self.weight_opt = RAdam(self.weight_head.parameters(), lr=self.head_lr)
 
-    def setup(self, ctx, resume_path):
-        head_file = resume_path and CheckpointIO.companion(resume_path, f"scm_weight{ctx.step:06d}.pt")
-        if self.weight_head is not None and head_file:
-            state = CheckpointIO.load(head_file, map_location=ctx.device)
-            self.weight_head.load_state_dict(state["head"])
-            self.weight_opt.load_state_dict(state["opt"])
-        elif self.weight_head is not None and resume_path:  # a run that used the prior weighting until now
-            logger.log(f"no scm_weight{ctx.step:06d}.pt beside {resume_path}: the adaptive weight w(t) starts at 0")
+    def load_head(self, path, device):
+        state = CheckpointIO.load(path, map_location=device)
+        self.weight_head.load_state_dict(state["head"])
+        self.weight_opt.load_state_dict(state["opt"])
 
     def tangent_r(self, step):
         return min(1.0, step / self.warmup_steps) if self.warmup_steps > 0 else 1.0
@@ -157,13 +153,15 @@ class ContinuousConsistencyTraining(TrainingMethod):
     def log_values(self, step):
         return {"tangent_r": self.tangent_r(step)}
 
-    def checkpoint_names(self, step):
-        return [f"scm_weight{step:06d}.pt"] if self.weight_head is not None else []
-
-    def checkpoint_files(self, ctx, step):
+    def saved(self, ctx):
         if self.weight_head is None:
             return {}
-        return {f"scm_weight{step:06d}.pt": {"head": self.weight_head.state_dict(), "opt": self.weight_opt.state_dict()}}
+        return {"scm_weight": Saved(
+            state=lambda: {"head": self.weight_head.state_dict(), "opt": self.weight_opt.state_dict()},
+            load=lambda path: self.load_head(path, ctx.device),
+            # a run that used the prior weighting until now
+            missing=lambda path: logger.log(f"no scm_weight{ctx.step:06d}.pt beside {path}: the adaptive weight w(t) "
+                                            "starts at 0"))}
 
 
 class ContinuousConsistencyDistillation(ContinuousConsistencyTraining):

@@ -11,7 +11,7 @@ import copy
 
 import torch
 
-from ..checkpoints import CheckpointIO, load_model_weights
+from ..checkpoints import Saved, load_model_weights
 from ..fast_paths import apply_fast_paths
 from ..schedule import create_ema_and_scales_fn
 from .base import TrainingMethod, start_from_teacher
@@ -52,16 +52,9 @@ class TargetNetworkMethod(TrainingMethod):
                     self.teacher_model.convert_to_fp16()
         self.target_model = copy.deepcopy(model)  # f^- starts as the online network
 
-    def setup(self, ctx, resume_path):
+    def setup(self, ctx, resumed):
         self.target_model.requires_grad_(False)
         self.target_model.train()  # dropout as in the online network (its mask state is shared)
-        target_file = resume_path and CheckpointIO.companion(resume_path, f"target_model{ctx.step:06d}.pt")
-        if target_file:
-            load_model_weights(self.target_model, target_file, what="target checkpoint")
-        elif resume_path:
-            # fine-tuning from a bare model file (a published or converted checkpoint): the target
-            # starts as the loaded network (the published loop left it at the random initialisation)
-            self.target_model.load_state_dict(ctx.model.state_dict())
         if ctx.precision == "fp16":
             self.target_master = [p.detach().float().clone() for p in self.target_model.parameters()]
             self.target_model.convert_to_fp16()
@@ -70,11 +63,7 @@ class TargetNetworkMethod(TrainingMethod):
         if self.teacher_model is not None:
             self.teacher_model.requires_grad_(False)
             self.teacher_model.eval()
-        self.setup_teacher(ctx, resume_path)
         apply_fast_paths([self.target_model, self.teacher_model], **ctx.fast_paths)
-
-    def setup_teacher(self, ctx, resume_path):
-        """Bring the teacher to the resumed state (progressive distillation's changes during training)."""
 
     def averages(self, step):
         target_ema, _ = self.ema_scale_fn(step)
@@ -90,8 +79,10 @@ class TargetNetworkMethod(TrainingMethod):
         target_ema, num_scales = self.ema_scale_fn(step)
         return {"target_ema": target_ema, "num_scales": num_scales}
 
-    def checkpoint_names(self, step):
-        return [f"target_model{step:06d}.pt"]
-
-    def checkpoint_files(self, ctx, step):
-        return {f"target_model{step:06d}.pt": ctx.state_dict_of(self.target_master, self.target_model)}
+    def saved(self, ctx):
+        return {"target_model": Saved(
+            state=lambda: ctx.state_dict_of(self.target_master, self.target_model),
+            load=lambda path: load_model_weights(self.target_model, path, what="target checkpoint"),
+            # fine-tuning from a bare model file (a published or converted checkpoint): the target starts as the
+            # loaded network (the published loop left it at the random initialisation)
+            missing=lambda path: self.target_model.load_state_dict(ctx.model.state_dict()))}
