@@ -1,6 +1,7 @@
 """The training-method registry, and a method defined outside the library training through the loop."""
 
 import json
+import math
 import shlex
 
 import pytest
@@ -111,3 +112,79 @@ def test_edm_trains_through_cm_train_and_refuses_a_teacher(tmp_path):
         main(shlex.split(flags + f" --teacher_model_path {tmp_path / 'x.pt'} --log_dir {tmp_path / 'a'}"))
     main(shlex.split(flags + f" --save_interval 2 --log_dir {tmp_path / 'b'}"))
     assert (tmp_path / "b" / "model000002.pt").exists() and not (tmp_path / "b" / "target_model000002.pt").exists()
+
+
+def one_step_of(method, model, ctx, batch, cond, step):
+    """What the loop does with a method in one step, written out: its draw, loss and backward; an SGD step of the
+    model; the method's averages; after_step. Returns the mean loss before the step."""
+    from cm.ema import update_emas
+    from cm.train_util import StepRandom
+
+    rows = method.draw(StepRandom(0, step, 0, 1, batch.shape[0], batch.device), batch, step)
+    loss = method.losses(model, batch, cond, rows, step)["loss"].mean()
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 1e-2 * p.grad
+    update_emas(list(method.averages(step)), list(model.parameters()))
+    method.after_step(ctx)
+    return loss.item()
+
+
+@pytest.mark.parametrize("name", sorted(methods.METHODS))
+def test_every_method_saves_what_it_needs_to_resume(name, tmp_path):
+    """The contract of a method, in process, without the loop: draw, loss, backward, a step; its declared files
+    saved; a fresh method restored from them (as the loop resumes) gives the same loss at the next step."""
+    from cm.checkpoints import CheckpointIO
+    from cm.config import parse_args_with_config
+    from cm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+
+    from conftest import randomize
+
+    cls = methods.method_class(name)
+    argv = shlex.split(TRAIN + f" --training_mode {name} --loss_norm l2 --start_ema 0.5 --start_scales 4 --end_scales 4 "
+                       "--tangent_warmup_steps 2 --distill_steps_per_iter 100 --huber_c 0.01"
+                       + (" --teacher_model_path built_below" if cls.needs_teacher else ""))
+    args = parse_args_with_config(load_script("cm_train").create_argparser(), argv, "cm_train.py",
+                                  mode_defaults=methods.mode_flag_defaults())
+    kwargs = {k: getattr(args, k) for k in model_and_diffusion_defaults()}
+
+    def build(seed, distillation=cls.boundary_condition):
+        torch.manual_seed(seed)
+        model, diffusion = create_model_and_diffusion(**kwargs, distillation=distillation, loss_norm="l2")
+        return randomize(model, seed=seed).train(), diffusion
+
+    def started(model, diffusion):
+        method = cls(args, diffusion)
+        method.build_networks(model, (lambda: build(7, distillation=False)) if cls.needs_teacher else None)
+        return method
+
+    def context(model, step):
+        params = list(model.parameters())
+        return methods.MethodContext(step=step, device=torch.device("cpu"), world_size=1, precision="fp32", fast_paths={},
+                                     config={}, model=model, master_params=params,
+                                     state_dict_of=lambda ps, m=None: {k: v.clone() for k, v in (m or model).state_dict().items()},
+                                     restart_optimization=lambda: None)
+
+    gen = torch.Generator().manual_seed(0)
+    batch, cond = torch.rand(4, 3, 16, 16, generator=gen) * 2 - 1, {"y": torch.tensor([0, 3, 5, 9])}
+    model, diffusion = build(1)
+    method = started(model, diffusion)
+    method.setup(context(model, 0), False)
+    first = one_step_of(method, model, context(model, 0), batch, cond, 0)
+    assert math.isfinite(first)
+    saved = method.saved(context(model, 1))
+    for file_name, file in saved.items():
+        torch.save(file.state(), tmp_path / f"{file_name}000001.pt")
+    torch.save(model.state_dict(), tmp_path / "model000001.pt")
+    expected = one_step_of(method, model, context(model, 1), batch, cond, 1)
+
+    # as the loop resumes: networks built (other weights everywhere), the model file read, the method's files restored
+    fresh_model, fresh_diffusion = build(2)
+    fresh = started(fresh_model, fresh_diffusion)
+    fresh_model.load_state_dict(torch.load(tmp_path / "model000001.pt", weights_only=True))
+    CheckpointIO(str(tmp_path)).restore(str(tmp_path / "model000001.pt"), 1, fresh.saved(context(fresh_model, 1)))
+    fresh.setup(context(fresh_model, 1), True)
+    assert one_step_of(fresh, fresh_model, context(fresh_model, 1), batch, cond, 1) == expected
