@@ -29,15 +29,15 @@ def str2bool(v):
     raise argparse.ArgumentTypeError(f"boolean value expected (True/False), got {v!r}")
 
 
-def add_dict_to_argparser(parser, default_dict):
-    """One --flag per key, typed by its default (booleans take True/False)."""
+def add_dict_to_argparser(parser, default_dict, helps=None):
+    """One --flag per key, typed by its default (booleans take True/False), with its line of `helps` if any."""
     for k, v in default_dict.items():
         v_type = type(v)
         if v is None:
             v_type = str
         elif isinstance(v, bool):
             v_type = str2bool
-        parser.add_argument(f"--{k}", default=v, type=v_type)
+        parser.add_argument(f"--{k}", default=v, type=v_type, **({"help": helps[k]} if helps and k in helps else {}))
 
 
 def args_to_dict(args, keys):

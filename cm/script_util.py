@@ -3,7 +3,9 @@ live in cm.cli, the curriculum in cm.schedule)."""
 
 from .cli import add_dict_to_argparser, args_to_dict, str2bool
 from .karras_diffusion import KarrasDenoiser
-from .networks import build_network
+from .methods import flag_defaults as method_flag_defaults
+from .methods import flag_groups as method_flag_groups
+from .networks import NETWORKS, build_network
 from .networks import flag_defaults as network_flag_defaults
 from .networks.adm import NUM_CLASSES
 from .schedule import create_ema_and_scales_fn
@@ -35,18 +37,8 @@ def cm_train_defaults():
         loss_norm="lpips",  # l1 | l2 | l2-32 | lpips | pseudo-huber
         huber_c=-1.0,  # pseudo-Huber c; negative: iCT's 0.00054 sqrt(d), d the numbers per image
         p_mean=-1.1,  # lognormal noise levels of iCT (on the grid) and ECT: ln sigma ~ N(p_mean, p_std^2)
-        p_std=2.0,
-        ect_q=2.0,  # ECT's r(t) = t (1 - n(t) / q^(stage + 1)): q
-        ect_k=8.0,  # ECT's n(t) = 1 + k sigmoid(-b t): k (0: the constant mapping)
-        ect_b=1.0,  # ... and b
-        ect_stage_steps=25000,  # d: ECT's stage lasts this many steps (published CIFAR-10: 25k at batch 128)
-        time_input="edm",  # sCM's network time input: edm (250 ln(sigma_d tan t), an EDM network's own) | identity (t)
-        tangent_warmup_steps=10000,  # sCM: r of the tangent rises linearly from 0 to 1 over this many steps
-        p_truncate=False,  # sCM: the lognormal noise levels truncated to [sigma_min, sigma_max] (as FastGen draws them)
-        tangent_norm_c=0.1,  # sCM: tangent normalisation g / (||g|| + c)
-        jvp="forward",  # sCM's dF/dt: forward (torch.func.jvp) | finite_diff
-        jvp_eps=1e-3,  # sCM: the step of --jvp finite_diff (in t; x moves by eps dx/dt)
-        scm_weighting="adaptive",  # sCM's loss weighting: adaptive (learned w(t)) | prior (1 / (sigma_d tan t))
+        p_std=2.0,  # (shared by iCT, ECT and sCM; the methods' own flags follow, declared in their files)
+        **method_flag_defaults(),
     )
 
 
@@ -211,3 +203,20 @@ def train_defaults():
         channels_last=False,  # fast path: run the networks in the channels_last (NHWC) memory format
         compile=False,  # fast path: torch.compile the networks (compiles on the first steps)
     )
+
+
+def add_training_flags(parser, defaults):
+    """The training scripts' flags from `defaults`: each network's and each method's own flags (cm.networks,
+    cm.methods) in a group of its own with their help lines (python scripts/cm_train.py -h), the others first; a
+    flag two owners share is shown with the first."""
+    groups = {f"--network {name}": net.flags for name, net in NETWORKS.items()} | method_flag_groups()
+    owned = {}
+    for title, flags in groups.items():
+        owned.update({k: title for k in flags if k in defaults and k not in owned})
+    add_dict_to_argparser(parser, {k: v for k, v in defaults.items() if k not in owned})
+    for title, flags in groups.items():
+        mine = [k for k in flags if owned.get(k) == title]
+        if mine:
+            add_dict_to_argparser(parser.add_argument_group(title), {k: defaults[k] for k in mine},
+                                  {k: flags[k][1] for k in mine})
+    return parser

@@ -12,13 +12,14 @@ import argparse
 
 from cm import dist_util, logger
 from cm.checkpoints import check_stored_flags, load_model_weights
-from cm.cli import add_dict_to_argparser, args_to_dict, run_cli
+from cm.cli import args_to_dict, run_cli
 from cm.config import parse_args_with_config
 from cm.diffusers_convert import read_weights
 from cm.methods import method_class, mode_flag_defaults, trained_parameterization
 from cm.parameterizations import DENOISER
 from cm.run_setup import loop_kwargs, per_process_batch, start_run, training_data
-from cm.script_util import cm_train_defaults, create_model_and_diffusion, model_and_diffusion_defaults, train_defaults
+from cm.script_util import (add_training_flags, cm_train_defaults, create_model_and_diffusion, model_and_diffusion_defaults,
+                            train_defaults)
 from cm.train_util import TrainLoop
 
 
@@ -70,8 +71,7 @@ def create_argparser():
         lpips_vgg_path="",  # VGG-16 ImageNet weights for LPIPS (default: torchvision's cache)
     )
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dict_to_argparser(parser, defaults)
-    return parser
+    return add_training_flags(parser, defaults)
 
 
 if __name__ == "__main__":

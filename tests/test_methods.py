@@ -44,11 +44,12 @@ class ShiftedDenoising(TrainingMethod):
     name = "toy_shifted_denoising"
     boundary_condition = False
     parameterization = DENOISER
+    flags = dict(toy_sigma0=(0.5, "the toy's first noise level"))  # its own flag, declared once, here
     flag_defaults = dict(loss_norm="l2")
 
     def __init__(self, args, diffusion):
         super().__init__(args, diffusion)
-        self.sigma = 0.5
+        self.sigma = args.toy_sigma0
         self.calls = 0
 
     def draw(self, rand, batch, step):
@@ -90,6 +91,9 @@ def toy_registered():
 
 def test_a_method_registered_from_outside_trains_through_the_unchanged_loop(toy_registered, tmp_path):
     main = load_script("cm_train").main
+    usage = load_script("cm_train").create_argparser().format_help()  # its flag, with its help, under its mode
+    group = usage[usage.index("--training_mode toy_shifted_denoising:"):].split("\n\n")[0]
+    assert "--toy_sigma0" in group and "the toy's first noise level" in group, usage
     flags = TRAIN + " --training_mode toy_shifted_denoising --log_interval 1 --save_interval 2"
     main(shlex.split(flags + f" --total_training_steps 2 --log_dir {tmp_path}"))
     assert torch.load(tmp_path / "toy000002.pt", weights_only=True)["sigma"].item() == pytest.approx(0.5 * 1.1**2)

@@ -17,9 +17,16 @@ METHODS = {}
 
 
 def register(cls):
-    """Make `cls` (a TrainingMethod subclass) trainable as --training_mode cls.name."""
+    """Make `cls` (a TrainingMethod subclass) trainable as --training_mode cls.name. A flag it declares that
+    another method declares too must have the same default (the parser holds one)."""
     if not (isinstance(cls, type) and issubclass(cls, TrainingMethod) and cls.name):
         raise ValueError(f"{cls!r} is not a named TrainingMethod subclass")
+    for other in METHODS.values():
+        clash = sorted(k for k in cls.flags.keys() & other.flags.keys()
+                       if other.name != cls.name and cls.flags[k][0] != other.flags[k][0])
+        if clash:
+            raise ValueError(f"--training_mode {cls.name}: the flags {', '.join(clash)} of {other.name} have other "
+                             "defaults there; give them the same defaults, or other names")
     METHODS[cls.name] = cls
     return cls
 
@@ -42,6 +49,23 @@ def method_class(name):
     if name not in METHODS:
         raise ValueError(f"unknown --training_mode {name}; choose one of {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def flag_groups():
+    """{title: {flag: (default, help)}}: each registered method's own flags under the modes that declare them (a
+    subclass's inherited flags stay with the class that declares them)."""
+    groups = {}
+    for cls in METHODS.values():
+        owner = next(c for c in cls.__mro__ if "flags" in vars(c))
+        if owner.flags:
+            modes = [name for name, c in METHODS.items() if owner in c.__mro__]
+            groups[f"--training_mode {' | '.join(modes)}"] = dict(owner.flags)
+    return groups
+
+
+def flag_defaults():
+    """{flag: default} of every registered method's own flags (cm.script_util.cm_train_defaults holds them)."""
+    return {k: default for group in flag_groups().values() for k, (default, _) in group.items()}
 
 
 def mode_flag_defaults():

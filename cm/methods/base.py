@@ -46,6 +46,7 @@ class TrainingMethod:
 
     name = ""  # its --training_mode
     parameterization = CONSISTENCY  # what its models are sampled as (cm.parameterizations)
+    flags = {}  # its own flags, declared here only: {flag: (default, one-line help)} (a subclass inherits them)
     flag_defaults = {}  # flag values it brings (a --config preset and the command line override them)
     boundary_condition = True  # trains with the consistency scalings f(x, sigma_min) = x (CM paper, eq. 3)
     trains_without_end = False  # --total_training_steps 0 runs until stopped (EDM, as published)

@@ -13,6 +13,12 @@ class EasyConsistencyTuning(TargetNetworkMethod):
     needs_teacher = True  # the EDM model it starts from
     # the published CIFAR-10 code: target = the online network without gradient, ||.||_2 (pseudo-Huber
     # with c = 0) weighted by 1 / (t - r)
+    flags = dict(
+        ect_q=(2.0, "r(t) = t (1 - n(t) / q^(stage + 1)): q"),
+        ect_k=(8.0, "n(t) = 1 + k sigmoid(-b t): k (0: the constant mapping)"),
+        ect_b=(1.0, "n(t)'s b"),
+        ect_stage_steps=(25000, "d: a stage lasts this many steps (published CIFAR-10: 25k at batch 128)"),
+    )
     flag_defaults = dict(
         target_ema_mode="fixed", start_ema=0.0, loss_norm="pseudo-huber", huber_c=0.0, weight_schedule="inverse-step",
     )

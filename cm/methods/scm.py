@@ -59,6 +59,15 @@ class ContinuousConsistencyTraining(TrainingMethod):
     # the paper's ImageNet-64 settings for a network trained as TrigFlow: identity time input, adaptive double
     # normalisation (with the scale-shift conditioning), lognormal (-1.0, 1.6); warmup 10k steps, c = 0.1 are the
     # flags' own defaults
+    flags = dict(
+        time_input=("edm", "the network's time input: edm (250 ln(sigma_d tan t), an EDM network's own) | identity (t)"),
+        tangent_warmup_steps=(10000, "r of the tangent rises linearly from 0 to 1 over this many steps"),
+        p_truncate=(False, "the lognormal noise levels truncated to [sigma_min, sigma_max] (as FastGen draws them)"),
+        tangent_norm_c=(0.1, "tangent normalisation g / (||g|| + c)"),
+        jvp=("forward", "dF/dt: forward (torch.func.jvp) | finite_diff"),
+        jvp_eps=(1e-3, "the step of --jvp finite_diff (in t; x moves by eps dx/dt)"),
+        scm_weighting=("adaptive", "the loss weighting: adaptive (learned w(t)) | prior (1 / (sigma_d tan t))"),
+    )
     flag_defaults = dict(time_input="identity", double_norm=True, use_scale_shift_norm=True, p_mean=-1.0, p_std=1.6)
 
     @classmethod
