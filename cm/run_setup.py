@@ -3,6 +3,7 @@
 import json
 import math
 import os
+from dataclasses import fields
 
 import torch
 
@@ -14,6 +15,7 @@ from .phema import std_to_exp
 from .precision import resolve_precision_args
 from .run_folder import lock_run_folder, remove_stale_temporaries
 from .script_util import create_model_and_diffusion
+from .train_util import LoopSettings
 
 
 def check_training_flags(args, method_cls, model_kwargs):
@@ -160,32 +162,13 @@ def training_data(args, batch_size):
     )
 
 
-def loop_kwargs(args, model, data, batch_size, config):
-    """The TrainLoop arguments both training scripts pass, from their flags."""
-    return dict(
-        model=model,
-        data=data,
-        batch_size=batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        ema_rate=ema_rates(args),
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
-        use_fp16=args.use_fp16,
-        use_bf16=args.use_bf16,
-        fp16_scale_growth=args.fp16_scale_growth,
-        weight_decay=args.weight_decay,
-        lr_anneal_steps=args.lr_anneal_steps,
-        total_training_steps=args.total_training_steps,
-        seed=args.seed,
-        config=config,
-        progress=args.progress,
-        channels_last=args.channels_last,
-        compile=args.compile,
-        **optimizer_flags(args),
-        **phema_flags(args),
-    )
+def loop_settings(args, batch_size):
+    """The training loop's LoopSettings from the flags (those of its fields the flags hold, checked), the
+    per-process batch and the resolved precision."""
+    checked = dict(batch_size=batch_size, ema_rate=ema_rates(args), precision=args.precision, **optimizer_flags(args),
+                   **phema_flags(args))
+    named = {f.name: getattr(args, f.name) for f in fields(LoopSettings) if f.name not in checked and hasattr(args, f.name)}
+    return LoopSettings(**named, **checked)
 
 
 def phema_flags(args):

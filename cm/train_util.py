@@ -14,6 +14,7 @@ by itself from the newest complete checkpoint in its folder.
 """
 
 import contextlib
+from dataclasses import dataclass
 import json
 import math
 import time
@@ -163,64 +164,64 @@ class DeviceMeans:
         return dict(zip(keys, values.tolist()))
 
 
-class TrainLoop:
-    """Trains `model` by `method` (a cm.methods.TrainingMethod, its extra networks already built)."""
+@dataclass(frozen=True)
+class LoopSettings:
+    """Everything the training loop is set with, one object (cm.run_setup.loop_settings makes it from the flags)."""
 
-    def __init__(
-        self,
-        *,
-        model,
-        method,
-        data,
-        batch_size,
-        microbatch,
-        lr,
-        ema_rate,
-        log_interval,
-        save_interval,
-        resume_checkpoint,
-        use_fp16=False,
-        fp16_scale_growth=1e-3,
-        weight_decay=0.0,
-        lr_anneal_steps=0,
-        use_bf16=False,
-        total_training_steps=0,
-        seed=0,
-        config=None,
-        progress=True,
-        channels_last=False,
-        compile=False,
-        optimizer="radam",
-        adam_betas=(0.9, 0.999),
-        adam_eps=1e-8,
-        lr_ref_steps=0,
-        grad_clip=0.0,
-        phema_std=(),
-        phema_snapshot_interval=0,
-    ):
+    batch_size: int  # per process
+    lr: float
+    ema_rate: str = "0.9999"  # comma-separated sampling EMA rates
+    microbatch: int = -1  # -1: the whole batch at once
+    log_interval: int = 10
+    save_interval: int = 10000  # 0: a checkpoint at the end only
+    resume_checkpoint: str = ""  # empty: the folder's newest complete checkpoint
+    precision: str = "fp32"  # the torso's: fp32 | bf16 | fp16 (resolved: cm.precision)
+    fp16_scale_growth: float = 1e-3
+    weight_decay: float = 0.0
+    lr_anneal_steps: int = 0
+    total_training_steps: int = 0
+    seed: int = 0
+    progress: bool = True
+    channels_last: bool = False
+    compile: bool = False
+    optimizer: str = "radam"
+    adam_betas: tuple = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    lr_ref_steps: int = 0
+    grad_clip: float = 0.0
+    phema_std: tuple = ()
+    phema_snapshot_interval: int = 0
+
+
+class TrainLoop:
+    """Trains `model` by `method` (a cm.methods.TrainingMethod, its extra networks already built) on `data` with
+    `settings` (LoopSettings); `config` (the run's resolved flags) is stored in every checkpoint."""
+
+    def __init__(self, *, model, method, data, settings, config=None):
+        s = settings
         self.model = model
         self.method = method
         self.data = data
-        self.batch_size = batch_size
-        self.microbatch = microbatch if microbatch > 0 else batch_size
-        self.lr = lr
-        self.ema_rate = [ema_rate] if isinstance(ema_rate, float) else [float(x) for x in str(ema_rate).split(",") if x]
-        self.log_interval = log_interval
-        self.save_interval = save_interval
-        self.weight_decay = weight_decay
-        self.lr_anneal_steps = lr_anneal_steps
-        self.optimizer, self.adam_betas, self.adam_eps = optimizer, tuple(adam_betas), adam_eps
-        self.lr_ref_steps, self.grad_clip = lr_ref_steps, grad_clip
-        self.phema_std, self.phema_interval = list(phema_std), phema_snapshot_interval
+        self.batch_size = s.batch_size
+        self.microbatch = s.microbatch if s.microbatch > 0 else s.batch_size
+        self.lr = s.lr
+        self.ema_rate = [float(x) for x in str(s.ema_rate).split(",") if x]
+        self.log_interval = s.log_interval
+        self.save_interval = s.save_interval
+        self.weight_decay = s.weight_decay
+        self.lr_anneal_steps = s.lr_anneal_steps
+        self.optimizer, self.adam_betas, self.adam_eps = s.optimizer, tuple(s.adam_betas), s.adam_eps
+        self.lr_ref_steps, self.grad_clip = s.lr_ref_steps, s.grad_clip
+        self.phema_std, self.phema_interval = list(s.phema_std), s.phema_snapshot_interval
         self.phema_gamma = [std_to_exp(std) for std in self.phema_std]
-        self.total_training_steps = total_training_steps
-        self.seed = seed
+        self.total_training_steps = s.total_training_steps
+        self.seed = s.seed
         self.config = config
-        self.progress = progress
-        self.fast_paths = dict(channels_last=channels_last, compile=compile)  # cm.fast_paths switches
+        self.progress = s.progress
+        self.fast_paths = dict(channels_last=s.channels_last, compile=s.compile)  # cm.fast_paths switches
         self.device = dist_util.dev()
         self.rank, self.world_size = dist_util.get_rank(), dist_util.get_world_size()
-        self.global_batch = batch_size * self.world_size
+        self.global_batch = s.batch_size * self.world_size
         self.step = 0
         self.batches_consumed = 0
         self.first_bad_step = None  # device tensor: the first step whose loss was not finite
@@ -228,7 +229,7 @@ class TrainLoop:
         self.means = DeviceMeans()
         self.checkpoints = CheckpointIO(logger.get_dir())
 
-        resume_path = self.checkpoints.resume_path(resume_checkpoint)
+        resume_path = self.checkpoints.resume_path(s.resume_checkpoint)
         self.resumed_step = None
         if resume_path:
             logger.log(f"resuming from {resume_path}")
@@ -237,8 +238,7 @@ class TrainLoop:
         logger.continue_progress(self.step)
         dist_util.sync_params(model.parameters())  # every rank starts from rank 0's weights
         apply_fast_paths([model], **self.fast_paths)  # before any copy of the weights is made
-        mode = "fp16" if use_fp16 else "bf16" if use_bf16 else "fp32"
-        self.precision = Precision(model, mode, fp16_scale_growth)  # (fp16 converts before DDP sees the model)
+        self.precision = Precision(model, s.precision, s.fp16_scale_growth)  # (fp16 converts before DDP sees the model)
         self.ddp_model = self._wrap_ddp(model)
         self.opt = self._new_optimizer()
         self.ema = EMASet(self.ema_rate, self.precision.master_params)

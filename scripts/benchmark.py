@@ -53,7 +53,7 @@ from cm.random_util import get_generator
 from cm.samplers import karras_sample
 from cm.methods import method_class
 from cm.script_util import cm_train_defaults, create_model_and_diffusion, model_and_diffusion_defaults
-from cm.train_util import Precision, TrainLoop
+from cm.train_util import LoopSettings, Precision, TrainLoop
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TINY_FLAGS = dict(
@@ -210,12 +210,10 @@ def row_train(ctx, config, mode, precision, batch, channels_last=False, compile=
     method.build_networks(model, (lambda: build_model(model_flags, ctx.device, distillation=False)) if mode == "cd" else None)
     if compile:
         torch._dynamo.reset()
-    loop = TrainLoop(
-        method=method, total_training_steps=train["total_training_steps"], model=model.train(), data=None,
-        batch_size=batch, microbatch=-1, lr=1e-4, ema_rate=train["ema_rate"], log_interval=10**9, save_interval=0,
-        resume_checkpoint="", use_fp16=precision == "fp16", use_bf16=precision == "bf16", progress=False,
-        channels_last=channels_last, compile=compile,
-    )
+    loop = TrainLoop(method=method, model=model.train(), data=None, settings=LoopSettings(
+        batch_size=batch, lr=1e-4, ema_rate=train["ema_rate"], total_training_steps=train["total_training_steps"],
+        log_interval=10**9, save_interval=0, precision=precision, progress=False, channels_last=channels_last,
+        compile=compile))
     size = model_flags["image_size"]
     gen = torch.Generator().manual_seed(1)
     x = (torch.rand(batch, 3, size, size, generator=gen) * 2 - 1).to(ctx.device)

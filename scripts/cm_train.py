@@ -17,7 +17,7 @@ from cm.config import parse_args_with_config
 from cm.diffusers_convert import read_weights
 from cm.methods import method_class, mode_flag_defaults, trained_parameterization
 from cm.parameterizations import DENOISER
-from cm.run_setup import loop_kwargs, per_process_batch, start_run, training_data
+from cm.run_setup import loop_settings, per_process_batch, start_run, training_data
 from cm.script_util import (add_training_flags, cm_train_defaults, create_model_and_diffusion, model_and_diffusion_defaults,
                             train_defaults)
 from cm.train_util import TrainLoop
@@ -58,7 +58,8 @@ def main(argv=None):
 
     method.build_networks(model, build_teacher if args.teacher_model_path else None)
     logger.log("training...")
-    TrainLoop(method=method, **loop_kwargs(args, model, data, batch_size, config)).run_loop()
+    TrainLoop(method=method, model=model, data=data, settings=loop_settings(args, batch_size),
+              config=config).run_loop()
     logger.log("training complete")
 
 

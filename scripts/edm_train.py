@@ -10,7 +10,7 @@ from cm import dist_util, logger
 from cm.cli import args_to_dict, run_cli
 from cm.config import parse_args_with_config
 from cm.methods import EDM
-from cm.run_setup import loop_kwargs, per_process_batch, start_run, training_data
+from cm.run_setup import loop_settings, per_process_batch, start_run, training_data
 from cm.script_util import add_training_flags, create_model_and_diffusion, model_and_diffusion_defaults, train_defaults
 from cm.train_util import TrainLoop
 
@@ -25,7 +25,8 @@ def main(argv=None):
     batch_size = per_process_batch(args)
     data = training_data(args, batch_size)
     logger.log("training...")
-    TrainLoop(method=EDM(args, diffusion), **loop_kwargs(args, model, data, batch_size, config)).run_loop()
+    TrainLoop(method=EDM(args, diffusion), model=model, data=data, settings=loop_settings(args, batch_size),
+              config=config).run_loop()
     logger.log("training complete")
 
 

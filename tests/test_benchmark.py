@@ -18,7 +18,7 @@ from cm.fast_paths import apply_fast_paths, check_compile_available
 from cm.precision import detect_hardware
 from cm.methods import ConsistencyTraining
 from cm.script_util import cm_train_defaults, create_model_and_diffusion
-from cm.train_util import TrainLoop
+from cm.train_util import LoopSettings, TrainLoop
 from cm.unet import QKVAttention
 
 from conftest import randomize, tiny_config
@@ -175,11 +175,9 @@ def ct_loop(channels_last, precision, log_dir):
     ))
     method = ConsistencyTraining(flags, diffusion)
     method.build_networks(model)
-    return TrainLoop(
-        method=method, total_training_steps=100, model=model, data=None, batch_size=4, microbatch=-1, lr=1e-3,
-        ema_rate="0.9,0.99", log_interval=100, save_interval=0, resume_checkpoint="", use_bf16=precision == "bf16",
-        use_fp16=precision == "fp16", progress=False, channels_last=channels_last,
-    )
+    return TrainLoop(method=method, model=model, data=None, settings=LoopSettings(
+        batch_size=4, lr=1e-3, ema_rate="0.9,0.99", total_training_steps=100, log_interval=100, save_interval=0,
+        precision=precision, progress=False, channels_last=channels_last))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
