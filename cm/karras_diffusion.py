@@ -5,8 +5,7 @@ and the published loss methods, thin wrappers of cm.losses (which the training m
 from . import losses
 from .denoiser import Denoiser
 from .editing import iterative_colorization, iterative_inpainting, iterative_superres
-from .losses import get_weightings
-from .lpips import LPIPS
+from .losses import LossSettings, get_weightings
 from .samplers import (
     get_ancestral_step,
     karras_sample,
@@ -41,7 +40,7 @@ __all__ = [
 ]
 
 
-class KarrasDenoiser(Denoiser):
+class KarrasDenoiser(Denoiser, LossSettings):
     """The published denoiser: preconditioning (cm.denoiser.Denoiser), the loss weighting lambda(sigma)
     and distance d, and the losses under their published method names. `huber_c` None is iCT's
     0.00054 sqrt(d); `lpips_vgg_path` None: torchvision's VGG-16 from the torch hub cache."""
@@ -59,28 +58,9 @@ class KarrasDenoiser(Denoiser):
         huber_c=None,
         c_noise="published",
     ):
-        if weight_schedule not in losses.WEIGHT_SCHEDULES:
-            raise ValueError(
-                f"unknown weight_schedule {weight_schedule!r}; choose one of {', '.join(losses.WEIGHT_SCHEDULES)}"
-            )
-        if loss_norm not in losses.LOSS_NORMS:
-            raise ValueError(f"unknown loss_norm {loss_norm!r}; choose one of {', '.join(losses.LOSS_NORMS)}")
-        super().__init__(sigma_data=sigma_data, sigma_max=sigma_max, sigma_min=sigma_min, rho=rho, distillation=distillation,
-                         c_noise=c_noise)
-        self.weight_schedule = weight_schedule
-        self.loss_norm = loss_norm
-        self.lpips_vgg_path = lpips_vgg_path
-        self.huber_c = huber_c
-        self.lpips_loss = None  # built on first use (loss_norm "lpips")
-
-    def lpips_network(self, device):
-        """The LPIPS network of loss_norm 'lpips' (None for the other distances), built on first use
-        and kept on `device`."""
-        if self.loss_norm != "lpips":
-            return None
-        if self.lpips_loss is None:
-            self.lpips_loss = LPIPS(vgg_weights=self.lpips_vgg_path)
-        return self.lpips_loss.to(device)
+        LossSettings.__init__(self, weight_schedule, loss_norm, huber_c, lpips_vgg_path)
+        Denoiser.__init__(self, sigma_data=sigma_data, sigma_max=sigma_max, sigma_min=sigma_min, rho=rho,
+                          distillation=distillation, c_noise=c_noise)
 
     def training_losses(self, model, x_start, sigmas, model_kwargs=None, noise=None):
         """EDM denoising loss at the given sigmas (per-sample terms "loss", "mse", "xs_mse")."""

@@ -12,6 +12,7 @@ compares the model at t and at r(t) < t on one noise direction, in continuous ti
 import torch
 import torch.nn.functional as F
 
+from .lpips import LPIPS
 from .nn import append_dims, mean_flat
 from .random_util import rng_states, set_rng_states
 from .schedule import index_to_sigma, karras_sigma
@@ -26,6 +27,33 @@ SNR_WEIGHTINGS = {
 }
 WEIGHT_SCHEDULES = (*SNR_WEIGHTINGS, "inverse-step")
 LOSS_NORMS = ("l1", "l2", "l2-32", "lpips", "pseudo-huber")
+
+
+class LossSettings:
+    """What the losses below take besides the networks and the denoiser: the weighting lambda(sigma)
+    (--weight_schedule) and the distance d (--loss_norm; pseudo-Huber's c, None: iCT's 0.00054 sqrt(d); the LPIPS
+    network of loss_norm "lpips", VGG-16 weights from `lpips_vgg_path` or torchvision's cache, built on first use).
+    The methods are handed them with the denoiser (cm.karras_diffusion.KarrasDenoiser is both)."""
+
+    def __init__(self, weight_schedule="karras", loss_norm="lpips", huber_c=None, lpips_vgg_path=None):
+        if weight_schedule not in WEIGHT_SCHEDULES:
+            raise ValueError(f"unknown weight_schedule {weight_schedule!r}; choose one of {', '.join(WEIGHT_SCHEDULES)}")
+        if loss_norm not in LOSS_NORMS:
+            raise ValueError(f"unknown loss_norm {loss_norm!r}; choose one of {', '.join(LOSS_NORMS)}")
+        self.weight_schedule = weight_schedule
+        self.loss_norm = loss_norm
+        self.lpips_vgg_path = lpips_vgg_path
+        self.huber_c = huber_c
+        self.lpips_loss = None  # built on first use (loss_norm "lpips")
+
+    def lpips_network(self, device):
+        """The LPIPS network of loss_norm 'lpips' (None for the other distances), built on first use
+        and kept on `device`."""
+        if self.loss_norm != "lpips":
+            return None
+        if self.lpips_loss is None:
+            self.lpips_loss = LPIPS(vgg_weights=self.lpips_vgg_path)
+        return self.lpips_loss.to(device)
 
 
 def get_weightings(weight_schedule, snrs, sigma_data):

@@ -91,3 +91,29 @@ def test_each_module_imports_on_its_own():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_methods_use_only_what_they_are_handed():
+    """Duck typing the layering test above cannot see: every attribute a method module reads of the denoiser it is
+    handed (`self.diffusion.X`, `self.teacher_diffusion.X`) is a Denoiser's (layer 2) or LossSettings' (layer 3), and
+    every one it reads of its context (`ctx.X`) a MethodContext field: never a KarrasDenoiser's or the loop's."""
+    from dataclasses import fields
+
+    from cm.denoiser import Denoiser
+    from cm.losses import LossSettings
+    from cm.methods import MethodContext
+
+    handed = set(dir(Denoiser)) | set(vars(Denoiser())) | set(dir(LossSettings)) | set(vars(LossSettings()))
+    context = {f.name for f in fields(MethodContext)}
+    for name, path in cm_modules():
+        if not name.startswith("cm.methods"):
+            continue
+        for node in ast.walk(ast.parse(open(path).read())):
+            if not isinstance(node, ast.Attribute):
+                continue
+            owner = node.value
+            if isinstance(owner, ast.Attribute) and isinstance(owner.value, ast.Name) and owner.value.id == "self" \
+                    and owner.attr in ("diffusion", "teacher_diffusion"):
+                assert node.attr in handed, f"{path}: self.{owner.attr}.{node.attr} is not a Denoiser's or LossSettings'"
+            if isinstance(owner, ast.Name) and owner.id == "ctx":
+                assert node.attr in context, f"{path}: ctx.{node.attr} is not a MethodContext field"
