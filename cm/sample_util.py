@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from . import dist_util, logger
 from .atomic import atomic_write_text
 from .checkpoints import checkpoint_config, flag_text, load_model_weights
-from .cli import add_dict_to_argparser, args_to_dict
+from .cli import args_to_dict
 from .diffusers_convert import read_weights
 from .fast_paths import apply_fast_paths
 from .image_io import save_npz, to_uint8_nhwc
@@ -32,7 +32,7 @@ from .precision import resolve_precision_args
 from .random_util import get_generator
 from .methods import parameterization, trained_parameterization
 from .parameterizations import check_grid_indices, parse_int_list  # noqa: F401 (the scripts' parsers)
-from .script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from .script_util import add_flags_by_owner, create_model_and_diffusion, model_and_diffusion_defaults
 
 def sampling_argparser(description, **script_defaults):
     """The parser of a sampling script: the published image_sample.py flags, this project's additions,
@@ -65,7 +65,7 @@ def sampling_argparser(description, **script_defaults):
     defaults.update(model_and_diffusion_defaults())
     defaults.update(script_defaults)
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dict_to_argparser(parser, defaults)
+    add_flags_by_owner(parser, defaults)
     return parser
 
 

@@ -205,10 +205,10 @@ def train_defaults():
     )
 
 
-def add_training_flags(parser, defaults):
-    """The training scripts' flags from `defaults`: each network's and each method's own flags (cm.networks,
-    cm.methods) in a group of its own with their help lines (python scripts/cm_train.py -h), the others first; a
-    flag two owners share is shown with the first."""
+def add_flags_by_owner(parser, defaults):
+    """The flags of `defaults` on `parser`: each network's and each method's own flags (cm.networks, cm.methods) in
+    a group of its own with their help lines (python scripts/cm_train.py -h), the others first; a flag two owners
+    share is shown with the first."""
     groups = {f"--network {name}": net.flags for name, net in NETWORKS.items()} | method_flag_groups()
     owned = {}
     for title, flags in groups.items():

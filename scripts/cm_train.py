@@ -18,7 +18,7 @@ from cm.diffusers_convert import read_weights
 from cm.methods import method_class, mode_flag_defaults, trained_parameterization
 from cm.parameterizations import DENOISER
 from cm.run_setup import loop_settings, per_process_batch, start_run, training_data
-from cm.script_util import (add_training_flags, cm_train_defaults, create_model_and_diffusion, model_and_diffusion_defaults,
+from cm.script_util import (add_flags_by_owner, cm_train_defaults, create_model_and_diffusion, model_and_diffusion_defaults,
                             train_defaults)
 from cm.train_util import TrainLoop
 
@@ -72,7 +72,7 @@ def create_argparser():
         lpips_vgg_path="",  # VGG-16 ImageNet weights for LPIPS (default: torchvision's cache)
     )
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    return add_training_flags(parser, defaults)
+    return add_flags_by_owner(parser, defaults)
 
 
 if __name__ == "__main__":

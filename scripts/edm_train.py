@@ -11,7 +11,7 @@ from cm.cli import args_to_dict, run_cli
 from cm.config import parse_args_with_config
 from cm.methods import EDM
 from cm.run_setup import loop_settings, per_process_batch, start_run, training_data
-from cm.script_util import add_training_flags, create_model_and_diffusion, model_and_diffusion_defaults, train_defaults
+from cm.script_util import add_flags_by_owner, create_model_and_diffusion, model_and_diffusion_defaults, train_defaults
 from cm.train_util import TrainLoop
 
 
@@ -35,7 +35,7 @@ def create_argparser():
     defaults.update(model_and_diffusion_defaults())
     defaults.update(total_training_steps=0)  # stop after this many steps (0: no limit but lr_anneal_steps)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    return add_training_flags(parser, defaults)
+    return add_flags_by_owner(parser, defaults)
 
 
 if __name__ == "__main__":
