@@ -12,12 +12,13 @@ import os
 import re
 import zipfile
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
 
 from . import dist_util, logger
-from .atomic import atomic_write, write_failure
+from .atomic import atomic_write
 
 MODEL_FILE = re.compile(r"^model(\d{6,})\.pt$")
 STEP_FILE = re.compile(r"^(?!.*\.tmp\d)(\w[\w.]*\D)?(\d{6,})\.pt$")  # any file of a checkpoint: NAMENNNNNN.pt (not a temporary)
@@ -245,22 +246,14 @@ class CheckpointIO:
         return dist_util.load_state_dict(path, map_location=map_location)
 
     def save(self, step, files):
-        """Write {file name: object} on rank 0, each atomically and in order (the model file last)."""
-        failure = ""
+        """Write {file name: object} on rank 0, each atomically and in order (the model file last); a failed write
+        stops every rank in one line, and the checkpoint, its model file not there, is passed over."""
+        paths = {name: os.path.join(self.folder, name) for name in files}
+        writes = [(paths[name], partial(atomic_save, obj, paths[name])) for name, obj in files.items()]
+        dist_util.write_on_rank0(writes, f"so checkpoint {step:06d} is incomplete and will be passed over; make room and "
+                                         "rerun: the run resumes from its last complete checkpoint")
         if dist_util.get_rank() == 0:
-            for name, obj in files.items():
-                path = os.path.join(self.folder, name)
-                try:
-                    atomic_save(obj, path)
-                except (OSError, RuntimeError) as err:  # a full disk, a folder made read-only (torch.save's writer: RuntimeError)
-                    failure = write_failure(path, err)
-                    break
-            else:
-                logger.log(f"saved checkpoint {step:06d} in {self.folder}")
-        failed = dist_util.broadcast_from_rank0(torch.tensor([float(bool(failure))], device=dist_util.dev())).item()
-        if failed:  # every rank stops; the model file, written last, is not there
-            raise ValueError(f"{failure or 'rank 0 could not write a file'}, so checkpoint {step:06d} is incomplete and "
-                             "will be passed over; make room and rerun: the run resumes from its last complete checkpoint")
+            logger.log(f"saved checkpoint {step:06d} in {self.folder}")
 
 
 def weights_file(what, given, flag, file_names, urls, hash_prefix=None):

@@ -13,6 +13,8 @@ import socket
 import torch
 import torch.distributed as dist
 
+from .atomic import write_failure
+
 # Environment variables that MPI launchers set for each rank (MPICH/Hydra, Open MPI, PMIx, Intel MPI).
 MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID")
 
@@ -137,6 +139,22 @@ def broadcast_from_rank0(tensor):
         tensor = tensor.clone()
         dist.broadcast(tensor, 0)
     return tensor
+
+
+def write_on_rank0(writes, advice):
+    """Each (path, write) of `writes` in order on rank 0 (atomic writes, cm.atomic: a failed one leaves no half file);
+    the first that fails (an OSError, or torch.save's RuntimeError: a full disk, a folder made read-only) stops every
+    rank with one line naming its path, then `advice`."""
+    failure = ""
+    if get_rank() == 0:
+        for path, write in writes:
+            try:
+                write()
+            except (OSError, RuntimeError) as err:
+                failure = write_failure(path, err)
+                break
+    if broadcast_from_rank0(torch.tensor([float(bool(failure))], device=dev())).item():
+        raise ValueError(f"{failure or 'rank 0 could not write a file'}; {advice}")
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from .image_io import save_npz, to_uint8_nhwc
 from .precision import resolve_precision_args
 from .random_util import get_generator
 from .methods import parameterization, trained_parameterization
-from .parameterizations import check_grid_indices, parse_int_list  # noqa: F401 (the scripts' parsers)
+from .parameterizations import parse_int_list
 from .script_util import add_flags_by_owner, create_model_and_diffusion, model_and_diffusion_defaults
 
 def sampling_argparser(description, **script_defaults):
@@ -182,6 +182,8 @@ def sample_kwargs(args):
     )
 
 
+# what a failed write of a sampling run advises (its rounds are kept: cm.dist_util.write_on_rank0)
+RERUN = "make room and run the same command again: it continues after its last finished round"
 SHARD = re.compile(r"^shard_(\d{9})_(\d{9})\.npz$")
 
 
@@ -272,7 +274,7 @@ def generate_samples(
             os.makedirs(shard_dir, exist_ok=True)
             atomic_write_text(os.path.join(shard_dir, "settings.json"), json.dumps(settings, sort_keys=True))
 
-        write_on_rank0(shard_dir, write_settings)
+        dist_util.write_on_rank0([(shard_dir, write_settings)], RERUN)
     done = int(dist_util.broadcast_from_rank0(torch.tensor(done, device=device)).item())
 
     gen = get_generator(generator, num_samples, seed)
@@ -299,27 +301,13 @@ def generate_samples(
             labels.append(None if round_labels is None else round_labels[:count])
         if shard_dir is not None:
             shard = os.path.join(shard_dir, f"shard_{round_start:09d}_{count:09d}.npz")
-            write_on_rank0(shard, lambda: save_npz(shard, images[-1], *([labels[-1]] if class_cond else [])))
+            dist_util.write_on_rank0([(shard, lambda: save_npz(shard, images[-1], *([labels[-1]] if class_cond else [])))], RERUN)
         bar.update(count)
         bar.set_postfix(img_per_s=f"{(bar.n - start_done) / max(time.time() - start_time, 1e-9):.2f}")
     bar.close()
     if rank != 0:
         return None, None
     return np.concatenate(images), (np.concatenate(labels) if class_cond else None)
-
-
-def write_on_rank0(where, write):
-    """write() on rank 0; an OSError there (a full disk, a folder made read-only) stops every rank with one line
-    naming `where` (the writes are atomic, cm.atomic: nothing half-written is left; finished rounds are kept)."""
-    failure = ""
-    if dist_util.get_rank() == 0:
-        try:
-            write()
-        except OSError as err:
-            failure = f"could not write {where} ({err.strerror or err})"
-    if dist_util.broadcast_from_rank0(torch.tensor([float(bool(failure))], device=dist_util.dev())).item():
-        raise ValueError(f"{failure or 'rank 0 could not write ' + where}; make room and run the same command again: "
-                         "it continues after its last finished round")
 
 
 def finish_shards(shard_dir):

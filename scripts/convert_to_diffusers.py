@@ -20,8 +20,8 @@ from cm.cli import args_to_dict, run_cli
 from cm.config import given_flags, parse_args_with_config
 from cm.diffusers_convert import diffusers_timesteps, save_pipeline
 from cm.methods import parameterization
-from cm.parameterizations import CONSISTENCY
-from cm.sample_util import parse_int_list, read_sampling_weights, sampling_argparser
+from cm.parameterizations import CONSISTENCY, parse_int_list
+from cm.sample_util import read_sampling_weights, sampling_argparser
 from cm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 

@@ -46,11 +46,10 @@ from cm.image_datasets import UnreadableImage, collate, open_dataset
 from cm.image_io import save_grid, save_npz, to_uint8_nhwc
 from cm.random_util import get_generator
 from cm.methods import parameterization
+from cm.parameterizations import check_grid_indices, parse_int_list
 from cm.sample_util import (
-    check_grid_indices,
     in_global_order,
     load_sampling_model,
-    parse_int_list,
     read_sampling_weights,
     round_sizes,
     sampling_argparser,

@@ -15,6 +15,7 @@ from cm.image_io import save_grid, save_npz
 from cm.methods import parameterization
 from cm.run_folder import lock_run_folder, release_run_folder
 from cm.sample_util import (
+    RERUN,
     SAMPLE_SETTINGS,
     check_sampling_args,
     finish_shards,
@@ -24,7 +25,6 @@ from cm.sample_util import (
     sample_kwargs,
     sampling_argparser,
     sampling_seeds,
-    write_on_rank0,
 )
 from cm.cli import run_cli
 
@@ -64,7 +64,7 @@ def main(argv=None):
             finish_shards(shard_dir)
             logger.log(f"saved {path} and samples_grid.png")
 
-        write_on_rank0(out_dir, save)
+        dist_util.write_on_rank0([(out_dir, save)], RERUN)
     release_run_folder(folder)
 
 

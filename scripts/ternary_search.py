@@ -18,11 +18,11 @@ from cm.config import parse_args_with_config
 from cm.methods import parameterization
 from cm.atomic import atomic_write_text
 from cm.image_io import save_npz
+from cm.parameterizations import parse_int_list
 from cm.sample_util import (
     SAMPLE_SETTINGS,
     generate_samples,
     load_sampling_model,
-    parse_int_list,
     sample_kwargs,
     sampling_argparser,
 )
