@@ -14,7 +14,7 @@ from .image_datasets import load_data
 from .phema import std_to_exp
 from .precision import resolve_precision_args
 from .run_folder import lock_run_folder, remove_stale_temporaries
-from .script_util import create_model_and_diffusion
+from .script_util import create_model_and_diffusion, network_defining_flags
 from .train_util import LoopSettings
 
 
@@ -55,13 +55,11 @@ def check_numbers(args):
             raise ValueError(f"--{key} must be {words}, got {value}")
 
 
-# flags whose change makes a resumed run a different run: the batch, the seed, the method, the network
-RUN_DEFINING_FLAGS = (
-    "global_batch", "global_batch_size", "batch_size", "seed", "training_mode", "image_size", "num_channels", "num_res_blocks",
-    "channel_mult", "attention_resolutions", "num_heads", "num_heads_upsample", "num_head_channels", "class_cond",
-    "num_classes", "use_scale_shift_norm", "resblock_updown", "learn_sigma", "time_embed", "fourier_scale",
-    "double_norm", "c_noise", "time_input", "network", "time_inputs",
-)
+def run_defining_flags():
+    """The flags whose change makes a resumed run a different run: the batch, the seed, the method and its time
+    input, the network (every registered network's)."""
+    return ("global_batch", "global_batch_size", "batch_size", "seed", "training_mode", "time_input") + network_defining_flags()
+
 # flags that say where and how a run is watched, not what it computes: changed without a word
 UNREPORTED_FLAGS = ("log_dir", "progress", "resume_checkpoint", "allow_config_change", "precision_reason", "device")
 # config entries that are not flags: what they are called in messages
@@ -81,11 +79,11 @@ def previous_config(folder):
 
 
 def check_config_change(previous, config, allowed):
-    """Compare a resumed run's flags with those it was started with: a change of RUN_DEFINING_FLAGS is refused
+    """Compare a resumed run's flags with those it was started with: a change of run_defining_flags() is refused
     in one line unless `allowed` (--allow_config_change); returns the lines for the run's log, one per change."""
     changed = {k: f"{CONFIG_NAMES.get(k, '--' + k)} {previous[k]} -> {v}" for k, v in config.items()
                if k in previous and k not in UNREPORTED_FLAGS and str(previous[k]) != str(v)}
-    defining = [text for k, text in changed.items() if k in RUN_DEFINING_FLAGS]
+    defining = [text for k, text in changed.items() if k in run_defining_flags()]
     stds = [{float(v) for v in str(c.get("phema_std", "")).split(",") if v.strip()} for c in (previous, config)]
     if stds[1] - stds[0]:
         # a power-function EMA is an average from step 0; one begun now is another profile, and scripts/reconstruct_ema.py

@@ -32,7 +32,7 @@ from .precision import resolve_precision_args
 from .random_util import get_generator
 from .methods import parameterization, trained_parameterization
 from .parameterizations import parse_int_list
-from .script_util import add_flags_by_owner, create_model_and_diffusion, model_and_diffusion_defaults
+from .script_util import add_flags_by_owner, create_model_and_diffusion, model_and_diffusion_defaults, network_defining_flags
 
 def sampling_argparser(description, **script_defaults):
     """The parser of a sampling script: the published image_sample.py flags, this project's additions,
@@ -101,14 +101,10 @@ def check_sampling_args(args):
     return steps, class_labels
 
 
-# model flags that say how a network was trained, not what it computes: a checkpoint's config does not decide them
-TRAINING_ONLY_FLAGS = ("dropout", "use_checkpoint", "use_fp16", "use_bf16", "weight_schedule")
-
-
 def stored_model_flags():
     """The flags a checkpoint's stored config decides (besides --training_mode and its parameterization's
-    stored_flags): the network's, of every network registered by now, and the noise range."""
-    return tuple(k for k in model_and_diffusion_defaults() if k not in TRAINING_ONLY_FLAGS)
+    stored_flags): the network's (of every network registered by now) and the noise range."""
+    return ("sigma_min", "sigma_max") + network_defining_flags()
 
 
 def read_sampling_weights(args, given=None):

@@ -53,6 +53,16 @@ def model_and_diffusion_defaults():
     )
 
 
+# network flags that say how a network is trained or run, not what it computes
+TRAINING_ONLY_FLAGS = ("dropout", "use_checkpoint", "use_fp16", "use_bf16", "use_new_attention_order", "weight_schedule")
+
+
+def network_defining_flags():
+    """The flags that decide what a network computes: --network, --c_noise and every registered network's own flags
+    but those of how it is trained or run (a resume may not change them; a checkpoint's stored config decides them)."""
+    return ("network", "c_noise") + tuple(k for k in network_flag_defaults() if k not in TRAINING_ONLY_FLAGS)
+
+
 def create_model(
     image_size,
     num_channels,

@@ -73,6 +73,10 @@ def test_a_network_registered_from_outside_trains_resumes_samples_and_reloads(to
     resumed = TRAIN.replace("--network toy", "--network adm") + " --total_training_steps 6 --attention_resolutions 8"
     result = run_in_process("cm_train", [*shlex.split(resumed), "--log_dir", str(halves)], monkeypatch, capsys)
     assert result.returncode == 1 and "--network toy -> adm" in result.stderr, result.stderr
+    # the toy's own flag makes a run what it is, as adm's do (declared in its file only)
+    wider = TRAIN + " --total_training_steps 6 --toy_width 12"
+    result = run_in_process("cm_train", [*shlex.split(wider), "--log_dir", str(halves)], monkeypatch, capsys)
+    assert result.returncode == 1 and "--toy_width 8 -> 12" in result.stderr, result.stderr
 
 
 def test_the_published_flags_build_adm_and_other_networks_are_refused_by_name(toy_network, tmp_path):
