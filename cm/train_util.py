@@ -59,9 +59,14 @@ class StepRandom:
 
 
 class Precision:
-    """float32, bf16 autocast, or fp16 (torso in float16, float32 master weights, loss scaling)."""
+    """float32, bf16 autocast, or fp16 (torso in float16, float32 master weights, loss scaling).
 
-    def __init__(self, model, mode="fp32", fp16_scale_growth=1e-3, initial_lg_loss_scale=INITIAL_LOG_LOSS_SCALE):
+    `extra_params`: float32 weights trained beside the model's (a method's declared trainables): stepped, loss-scaled,
+    clipped and counted in the gradient norm with the master weights, but no part of the model (its averages, its
+    checkpoint)."""
+
+    def __init__(self, model, mode="fp32", fp16_scale_growth=1e-3, initial_lg_loss_scale=INITIAL_LOG_LOSS_SCALE,
+                 extra_params=()):
         if mode not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"unknown precision {mode!r}; choose fp32, fp16 or bf16")
         self.mode = mode
@@ -74,6 +79,10 @@ class Precision:
             model.convert_to_fp16()
         else:
             self.master_params = self.model_params
+        self.extra_params = list(extra_params)
+        if any(p.dtype != torch.float32 for p in self.extra_params):
+            raise ValueError("a method's trainable modules must hold float32 weights (they are their own master weights)")
+        self.trained_params = self.master_params + self.extra_params  # what the optimizer steps
 
     def autocast(self, device):
         if self.mode == "bf16":
@@ -81,15 +90,15 @@ class Precision:
         return contextlib.nullcontext()
 
     def zero_grad(self):
-        for p in self.model_params + self.master_params:
+        for p in self.model_params + self.trained_params:
             p.grad = None
 
     def backward(self, loss):
         (loss * 2**self.lg_loss_scale if self.mode == "fp16" else loss).backward()
 
     def grad_norm(self):
-        """The gradient norm of the master weights, as a device tensor (no sync)."""
-        grads = [p.grad for p in self.master_params if p.grad is not None]
+        """The gradient norm of the trained weights, as a device tensor (no sync)."""
+        grads = [p.grad for p in self.trained_params if p.grad is not None]
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
 
     def param_norm(self):
@@ -115,7 +124,7 @@ class Precision:
             logger.log(f"found inf/NaN gradients, skipped the step; lg_loss_scale now {self.lg_loss_scale}")
             self.zero_grad()
             return False, grad_norm
-        torch._foreach_mul_([p.grad for p in self.master_params], 1.0 / scale)
+        torch._foreach_mul_([p.grad for p in self.trained_params if p.grad is not None], 1.0 / scale)
         self.clip_gradients(grad_norm, clip)
         opt.step()
         self.master_to_model()
@@ -125,7 +134,7 @@ class Precision:
     @torch.no_grad()
     def clip_gradients(self, grad_norm, clip):
         """Scale the gradients to norm at most `clip` (no host-device synchronisation)."""
-        grads = [p.grad for p in self.master_params if p.grad is not None]
+        grads = [p.grad for p in self.trained_params if p.grad is not None]
         if clip > 0 and grads:
             torch._foreach_mul_(grads, torch.clamp(clip / (grad_norm + 1e-6), max=1.0))
 
@@ -238,7 +247,10 @@ class TrainLoop:
         logger.continue_progress(self.step)
         dist_util.sync_params(model.parameters())  # every rank starts from rank 0's weights
         apply_fast_paths([model], **self.fast_paths)  # before any copy of the weights is made
-        self.precision = Precision(model, s.precision, s.fp16_scale_growth)  # (fp16 converts before DDP sees the model)
+        self.trainables = method.trainables()  # {name: module}: trained beside the model by this loop's machinery
+        extra_params = [p for module in self.trainables.values() for p in module.parameters()]
+        # (fp16 converts the model before DDP sees it)
+        self.precision = Precision(model, s.precision, s.fp16_scale_growth, extra_params=extra_params)
         self.ddp_model = self._wrap_ddp(model)
         self.opt = self._new_optimizer()
         self.ema = EMASet(self.ema_rate, self.precision.master_params)
@@ -277,7 +289,7 @@ class TrainLoop:
             files[f"phema_{std}_"] = self._saved_average(f"phema_{std}_", params, partial(self.phema_state, std, params))
         files["opt"] = Saved(
             state=lambda: self.opt.state_dict(),
-            load=lambda path: self.opt.load_state_dict(self.checkpoints.load(path, map_location=self.device)),
+            load=self._load_optimizer,
             missing=lambda path: logger.log(f"no opt{self.step:06d}.pt beside {path}: the optimizer starts afresh"))
         files["train_state"] = Saved(state=self.training_state, load=self._load_training_state)
         files["model"] = Saved(state=lambda: self.params_state_dict(self.precision.master_params))  # (read in __init__)
@@ -314,9 +326,35 @@ class TrainLoop:
                 next(self.data)
 
     def _new_optimizer(self):
-        cls = RAdam if self.optimizer == "radam" else Adam  # RAdam as published
-        return cls(self.precision.master_params, lr=self.lr, betas=self.adam_betas, eps=self.adam_eps,
-                   weight_decay=self.weight_decay)
+        """RAdam (as published) or Adam over the model's master weights, and the method's trainables as a second
+        parameter group (absent when it declares none, so the optimizer's file keeps the published layout)."""
+        cls = RAdam if self.optimizer == "radam" else Adam
+        groups = [{"params": self.precision.master_params}]
+        if self.precision.extra_params:
+            groups.append({"params": self.precision.extra_params})
+        return cls(groups, lr=self.lr, betas=self.adam_betas, eps=self.adam_eps, weight_decay=self.weight_decay)
+
+    def _load_optimizer(self, path):
+        saved = self.checkpoints.load(path, map_location=self.device)
+        have, want = len(saved["param_groups"]), len(self.opt.param_groups)
+        if have != want:  # the method's trainables (the second group) are new to the run, or gone from it
+            logger.log(f"{path} has no optimizer state for the method's trainables ({', '.join(self.trainables)}): "
+                       "theirs starts afresh" if have < want else
+                       f"{path} has optimizer state for trainables this run does not train: it is left unused")
+            gone = {i for group in saved["param_groups"][want:] for i in group["params"]}
+            saved = {"state": {i: v for i, v in saved["state"].items() if i not in gone},
+                     "param_groups": saved["param_groups"][:want] + self.opt.state_dict()["param_groups"][have:]}
+        self.opt.load_state_dict(saved)
+
+    def _average_extra_gradients(self):
+        """DDP averages the model's gradients over the processes; the trainables' are averaged here, in one reduce."""
+        extra = self.precision.extra_params
+        if self.world_size == 1 or not extra:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in extra]
+        flat = dist_util.all_reduce_mean(torch.cat([g.flatten() for g in grads]))
+        for p, g in zip(extra, flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p)
 
     def restart_optimization(self):
         """A fresh optimizer and sampling EMAs at the current weights (progressive distillation's new stage)."""
@@ -389,6 +427,7 @@ class TrainLoop:
                 self.precision.backward(loss * ((j - i) / n))
             for key, value in losses.items():
                 self.means.add(key, value.float().mean())
+        self._average_extra_gradients()
         took, grad_norm = self.precision.optimize(self.opt, self.grad_clip)
         self.means.add("grad_norm", grad_norm)
         if took:

@@ -38,8 +38,8 @@ def test_scalings_follow_the_published_rule():
 
 
 class ShiftedDenoising(TrainingMethod):
-    """A toy: EDM's denoising loss at one noise level that moves each step, with a state, a log key
-    and a checkpoint file of its own."""
+    """A toy: EDM's denoising loss at one noise level that moves each step, weighted by a learned e^-w + w (a
+    trainable of its own, as sCM's adaptive weight), with a state, a log key and a checkpoint file of its own."""
 
     name = "toy_shifted_denoising"
     boundary_condition = False
@@ -51,6 +51,14 @@ class ShiftedDenoising(TrainingMethod):
         super().__init__(args, diffusion)
         self.sigma = args.toy_sigma0
         self.calls = 0
+        self.log_weight = None
+
+    def build_networks(self, model, build_teacher=None):
+        super().build_networks(model, build_teacher)
+        self.log_weight = torch.nn.Linear(1, 1).to(next(model.parameters()).device)
+
+    def trainables(self):
+        return {"toy_weight": self.log_weight}
 
     def draw(self, rand, batch, step):
         return {"noise": rand.randn(*batch.shape[1:])}
@@ -58,7 +66,9 @@ class ShiftedDenoising(TrainingMethod):
     def losses(self, model, micro, cond, rows, step):
         sigmas = torch.full((micro.shape[0],), self.sigma, device=micro.device)
         _, denoised = self.diffusion.denoise(model, micro + rows["noise"] * self.sigma, sigmas, **cond)
-        return {"loss": mean_flat((denoised - micro) ** 2)}
+        mse = mean_flat((denoised - micro) ** 2)
+        w = self.log_weight(torch.ones(micro.shape[0], 1, device=micro.device))[:, 0]
+        return {"loss": torch.exp(-w) * mse + w}
 
     def setup(self, ctx, resumed):
         assert type(ctx) is MethodContext  # the method is handed the run's context, never the loop
@@ -73,7 +83,8 @@ class ShiftedDenoising(TrainingMethod):
 
     def saved(self, ctx):
         assert type(ctx) is MethodContext
-        return {"toy": Saved(state=lambda: {"sigma": torch.tensor(self.sigma)})}  # (state() below restores the run)
+        return {"toy": Saved(state=lambda: {"sigma": torch.tensor(self.sigma), "weight": self.log_weight.state_dict()},
+                             load=lambda path: self.log_weight.load_state_dict(torch.load(path, weights_only=True)["weight"]))}
 
     def state(self):
         return {"toy_sigma": self.sigma}
@@ -101,6 +112,14 @@ def test_a_method_registered_from_outside_trains_through_the_unchanged_loop(toy_
     main(shlex.split(flags + f" --total_training_steps 3 --log_dir {tmp_path}"))  # resumes, state included
     state = torch.load(tmp_path / "train_state000003.pt", weights_only=True)
     assert state["toy_sigma"] == pytest.approx(0.5 * 1.1**3) and state["step"] == 3
+    # its trainable learns in the loop's optimizer (a second group, at the model's learning rate) and resumes exactly
+    groups = torch.load(tmp_path / "opt000003.pt", weights_only=True)["param_groups"]
+    assert len(groups) == 2 and groups[1]["lr"] == groups[0]["lr"] and len(groups[1]["params"]) == 2
+    main(shlex.split(flags + f" --total_training_steps 3 --log_dir {tmp_path / 'straight'}"))
+    for name in ("model000003.pt", "toy000003.pt"):
+        resumed, straight = (torch.load(d / name, weights_only=True) for d in (tmp_path, tmp_path / "straight"))
+        torch.testing.assert_close(resumed, straight, rtol=0, atol=0, msg=name)
+    assert torch.load(tmp_path / "toy000003.pt", weights_only=True)["weight"]["bias"].abs().item() > 0
     header, *rows = (tmp_path / "progress.csv").read_text().splitlines()
     column = header.split(",").index("toy_sigma")
     assert float(rows[-1].split(",")[column]) == pytest.approx(0.5 * 1.1**3)
@@ -120,16 +139,18 @@ def test_edm_trains_through_cm_train_and_refuses_a_teacher(tmp_path):
 
 def one_step_of(method, model, ctx, batch, cond, step):
     """What the loop does with a method in one step, written out: its draw, loss and backward; an SGD step of the
-    model; the method's averages; after_step. Returns the mean loss before the step."""
+    model and the method's trainables; the method's averages; after_step. Returns the mean loss before the step."""
     from cm.ema import update_emas
     from cm.train_util import StepRandom
 
     rows = method.draw(StepRandom(0, step, 0, 1, batch.shape[0], batch.device), batch, step)
     loss = method.losses(model, batch, cond, rows, step)["loss"].mean()
-    model.zero_grad(set_to_none=True)
+    trained = list(model.parameters()) + [p for m in method.trainables().values() for p in m.parameters()]
+    for p in trained:
+        p.grad = None
     loss.backward()
     with torch.no_grad():
-        for p in model.parameters():
+        for p in trained:
             if p.grad is not None:
                 p -= 1e-2 * p.grad
     update_emas(list(method.averages(step)), list(model.parameters()))

@@ -240,6 +240,19 @@ def test_a_resume_with_other_averages_or_weighting_continues_the_run(first, then
     assert torch.load(run / "train_state000002.pt", weights_only=True)["step"] == 2
 
 
+def test_a_resume_without_the_adaptive_weight_leaves_its_optimizer_state_unused(tmp_path):
+    import torch
+
+    run, small = tmp_path / "run", f"{TRAIN} --global_batch_size 4 --save_interval 1"
+    train("cm_train", f"{small} {SCT} --scm_weighting adaptive --total_training_steps 1", run)
+    assert len(torch.load(run / "opt000001.pt", weights_only=True)["param_groups"]) == 2  # the head's, second
+    train("cm_train", f"{small} {SCT} --scm_weighting prior --total_training_steps 2", run)
+    assert "opt000001.pt has optimizer state for trainables this run does not train" in (run / "log.txt").read_text()
+    opt = torch.load(run / "opt000002.pt", weights_only=True)
+    assert len(opt["param_groups"]) == 1 and len(opt["state"]) == len(opt["param_groups"][0]["params"])
+    assert not (run / "scm_weight000002.pt").exists()
+
+
 def test_a_resume_with_an_added_phema_std_is_refused_and_a_removed_one_is_kept(tmp_path, monkeypatch, capsys):
     run, small = tmp_path / "run", f"{TRAIN} --global_batch_size 4 --save_interval 1"
     train("cm_train", f"{small} {CT} --phema_std 0.05,0.1 --total_training_steps 1", run)

@@ -251,6 +251,27 @@ def test_fp16_skips_a_step_with_overflowing_gradients():
     torch.testing.assert_close(model[0].bias.float(), precision.master_params[1].half().float())
 
 
+def test_a_methods_trainables_are_unscaled_clipped_and_skipped_with_the_model():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1))
+    model.convert_to_fp16 = lambda: model.half()
+    gain = torch.nn.Parameter(torch.tensor(2.0))  # a float32 trainable beside the fp16 torso (sCM's w(t) head)
+    precision = Precision(model, "fp16", initial_lg_loss_scale=4.0, extra_params=[gain])
+    opt = torch.optim.SGD([{"params": precision.master_params}, {"params": precision.extra_params}], lr=0.1)
+    x = torch.ones(1, 3, 2, 2, dtype=torch.float16)
+    precision.backward(model(x).float().sum() * gain * float("inf"))
+    assert precision.optimize(opt)[0] is False and gain.item() == 2.0  # an overflow anywhere skips the whole step
+    precision.zero_grad()
+    assert gain.grad is None
+    out = model(x).float().sum()
+    precision.backward(out * gain)
+    expected = torch.cat([torch.full((12,), 4 * 2.0), torch.tensor([out.item()])])  # d/dw, d/db = 4 gain; d/dgain = out
+    took, grad_norm = precision.optimize(opt, clip=1.0)  # clipped together: one norm over the model's and gain's
+    assert took and grad_norm.item() == pytest.approx(expected.norm().item(), rel=1e-3)
+    assert gain.item() == pytest.approx(2.0 - 0.1 * out.item() / expected.norm().item(), rel=1e-3)
+    with pytest.raises(ValueError, match="float32"):
+        Precision(torch.nn.Linear(1, 1), "fp32", extra_params=[torch.nn.Parameter(torch.ones(1, dtype=torch.float64))])
+
+
 def test_float32_divergence_stops_naming_the_step(tmp_path):
     result = run([sys.executable, "scripts/cm_train.py", *shlex.split(TRAIN + " " + CT), "--lr", "1e12",
                   "--total_training_steps", "30", "--log_interval", "1", "--save_interval", "30", "--log_dir", str(tmp_path)])

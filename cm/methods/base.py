@@ -77,6 +77,12 @@ class TrainingMethod:
                 "--resume_checkpoint)"
             )
 
+    def trainables(self):
+        """{name: module}: the method's own trainable modules beside the network (built by build_networks, float32),
+        trained by the loop's machinery: its optimizer (as a second parameter group), precision and loss scaling,
+        gradient averaging over processes, clipping and learning-rate schedule. Their weights are saved by saved()."""
+        return {}
+
     def setup(self, ctx, resumed):
         """Once the loop holds the model, its precision and optimizer (`ctx`, a MethodContext), and the method's
         saved files are restored (`resumed`: whether the run resumed): ready the extra networks for training."""

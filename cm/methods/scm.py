@@ -17,9 +17,8 @@ has one), so there is no classifier-free guidance.
 
 import torch
 import torch.nn as nn
-from torch.optim import RAdam
 
-from .. import dist_util, logger
+from .. import logger
 from ..checkpoints import CheckpointIO, Saved
 from ..denoiser import network_time
 from ..nn import append_dims, mean_flat, timestep_embedding
@@ -90,9 +89,8 @@ class ContinuousConsistencyTraining(TrainingMethod):
         self.norm_c = args.tangent_norm_c
         self.jvp, self.jvp_eps = args.jvp, args.jvp_eps
         self.weighting = args.scm_weighting
-        self.head_lr = args.lr  # the adaptive-weight head learns at the network's rate
         self.teacher_model = None
-        self.weight_head = self.weight_opt = None
+        self.weight_head = None
 
     def build_networks(self, model, build_teacher=None):
         if build_teacher is not None:
@@ -102,19 +100,15 @@ class ContinuousConsistencyTraining(TrainingMethod):
         if self.weighting == "adaptive":
             device = next(model.parameters()).device
             self.weight_head = AdaptiveWeight(sigma_data=self.trigflow.sigma_data).to(device)
-            self.weight_opt = RAdam(self.weight_head.parameters(), lr=self.head_lr)
 
-    def load_head(self, path, device):
-        state = CheckpointIO.load(path, map_location=device)
-        self.weight_head.load_state_dict(state["head"])
-        self.weight_opt.load_state_dict(state["opt"])
+    def trainables(self):
+        # w(t) learns with the network (one optimizer, schedule, clipping and precision), as FastGen's logvar head
+        return {"scm_weight": self.weight_head} if self.weight_head is not None else {}
 
     def tangent_r(self, step):
         return min(1.0, step / self.warmup_steps) if self.warmup_steps > 0 else 1.0
 
     def draw(self, rand, batch, step):
-        if self.weight_head is not None:
-            self.weight_head.zero_grad(set_to_none=True)
         z = rand.randn(*batch.shape[1:]) * self.trigflow.sigma_data
         t = lognormal_t(rand.randn(), self.p_mean, self.p_std, self.trigflow.sigma_data, self.sigma_bounds)
         return {"noise": z, "t": t}
@@ -150,15 +144,6 @@ class ContinuousConsistencyTraining(TrainingMethod):
             w = self.weight_head(t) if self.weight_head is not None else prior_log_weight(t, sd)
         return {"loss": torch.exp(-w) * mse + w, "mse": mse, "tangent_norm": g_norm, "log_weight": w}
 
-    def after_step(self, ctx):
-        if self.weight_head is None:
-            return
-        for p in self.weight_head.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            p.grad = dist_util.all_reduce_mean(p.grad)
-        self.weight_opt.step()
-
     def log_values(self, step):
         return {"tangent_r": self.tangent_r(step)}
 
@@ -166,8 +151,8 @@ class ContinuousConsistencyTraining(TrainingMethod):
         if self.weight_head is None:
             return {}
         return {"scm_weight": Saved(
-            state=lambda: {"head": self.weight_head.state_dict(), "opt": self.weight_opt.state_dict()},
-            load=lambda path: self.load_head(path, ctx.device),
+            state=lambda: {"head": self.weight_head.state_dict()},  # (its optimizer state is in the loop's opt file)
+            load=lambda path: self.weight_head.load_state_dict(CheckpointIO.load(path, map_location=ctx.device)["head"]),
             # a run that used the prior weighting until now
             missing=lambda path: logger.log(f"no scm_weight{ctx.step:06d}.pt beside {path}: the adaptive weight w(t) "
                                             "starts at 0"))}
