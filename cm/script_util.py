@@ -36,9 +36,7 @@ def cm_train_defaults():
         distill_steps_per_iter=50000,  # steps per halving in progressive distillation
         loss_norm="lpips",  # l1 | l2 | l2-32 | lpips | pseudo-huber
         huber_c=-1.0,  # pseudo-Huber c; negative: iCT's 0.00054 sqrt(d), d the numbers per image
-        p_mean=-1.1,  # lognormal noise levels of iCT (on the grid) and ECT: ln sigma ~ N(p_mean, p_std^2)
-        p_std=2.0,  # (shared by iCT, ECT and sCM; the methods' own flags follow, declared in their files)
-        **method_flag_defaults(),
+        **method_flag_defaults(),  # every registered method's own flags, declared in its file (cm/methods/)
     )
 
 

@@ -52,14 +52,16 @@ def method_class(name):
 
 
 def flag_groups():
-    """{title: {flag: (default, help)}}: each registered method's own flags under the modes that declare them (a
-    subclass's inherited flags stay with the class that declares them)."""
+    """{title: {flag: (default, help)}}: each registered method's own flags (inherited ones included), grouped by the
+    modes that declare them, under the title "--training_mode MODE | MODE..." (a flag several methods share, as
+    iCT, ECT and sCM the lognormal's, is listed once, with the first help)."""
+    declared = {}  # flag -> (default, help, modes)
+    for name, cls in METHODS.items():
+        for flag, (default, text) in cls.flags.items():
+            declared.setdefault(flag, (default, text, []))[2].append(name)
     groups = {}
-    for cls in METHODS.values():
-        owner = next(c for c in cls.__mro__ if "flags" in vars(c))
-        if owner.flags:
-            modes = [name for name, c in METHODS.items() if owner in c.__mro__]
-            groups[f"--training_mode {' | '.join(modes)}"] = dict(owner.flags)
+    for flag, (default, text, modes) in declared.items():
+        groups.setdefault(f"--training_mode {' | '.join(modes)}", {})[flag] = (default, text)
     return groups
 
 

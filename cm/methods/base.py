@@ -32,6 +32,13 @@ class MethodContext:
     restart_optimization: Callable  # () -> a fresh optimizer and sampling averages at the current weights
 
 
+# the lognormal noise levels of iCT (on its grid), ECT and sCM, declared once for the three (each brings its values)
+LOGNORMAL_FLAGS = dict(
+    p_mean=(-1.1, "lognormal noise levels ln(sigma) ~ N(p_mean, p_std^2): the mean"),
+    p_std=(2.0, "the lognormal's standard deviation"),
+)
+
+
 def start_from_teacher(model, build_teacher):
     """The (network, denoiser) of --teacher_model_path, its weights also loaded into the student `model`:
     the student starts from the teacher (as published, for every method)."""

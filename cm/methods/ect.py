@@ -4,6 +4,7 @@ network switches to the boundary-condition scalings only to sample)."""
 
 from ..losses import ect_loss
 from ..schedule import ect_r, ect_stage, lognormal_sigmas
+from .base import LOGNORMAL_FLAGS
 from .target import TargetNetworkMethod
 
 
@@ -14,6 +15,7 @@ class EasyConsistencyTuning(TargetNetworkMethod):
     # the published CIFAR-10 code: target = the online network without gradient, ||.||_2 (pseudo-Huber
     # with c = 0) weighted by 1 / (t - r)
     flags = dict(
+        **LOGNORMAL_FLAGS,
         ect_q=(2.0, "r(t) = t (1 - n(t) / q^(stage + 1)): q"),
         ect_k=(8.0, "n(t) = 1 + k sigmoid(-b t): k (0: the constant mapping)"),
         ect_b=(1.0, "n(t)'s b"),

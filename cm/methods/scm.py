@@ -26,7 +26,7 @@ from ..parameterizations import TRIGFLOW
 from ..random_util import rng_states, set_rng_states
 from ..jvp import JVP_METHODS, network_jvp
 from ..trigflow import TrigFlowDenoiser, diffuse, lognormal_t, sigma_of_t
-from .base import TrainingMethod, start_from_teacher
+from .base import LOGNORMAL_FLAGS, TrainingMethod, start_from_teacher
 
 WEIGHTINGS = ("adaptive", "prior")
 
@@ -59,6 +59,7 @@ class ContinuousConsistencyTraining(TrainingMethod):
     # normalisation (with the scale-shift conditioning), lognormal (-1.0, 1.6); warmup 10k steps, c = 0.1 are the
     # flags' own defaults
     flags = dict(
+        **LOGNORMAL_FLAGS,
         time_input=("edm", "the network's time input: edm (250 ln(sigma_d tan t), an EDM network's own) | identity (t)"),
         tangent_warmup_steps=(10000, "r of the tangent rises linearly from 0 to 1 over this many steps"),
         p_truncate=(False, "the lognormal noise levels truncated to [sigma_min, sigma_max] (as FastGen draws them)"),
