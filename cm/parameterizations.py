@@ -7,12 +7,15 @@ names of time variables.
 - `consistency`: sigma with the consistency boundary scalings, f(x, sigma_min) = x (CM paper, eq. 3); one step,
   or multistep on the Karras grid at --ts (CM paper, Algorithm 1).
 - `trigflow`: TrigFlow time t (cm.trigflow; sCM, Lu & Song 2025); one step, or multistep at the times --t_mid.
+- `flow_map`: the linear flow path z_t = (1 - t) x + t e and a flow map u(z_t, r, t) (cm.flowmap; MeanFlow); one
+  jump from t = 1 to 0, or jumps through the times --t_mid (0.5 when not given: ours, one jump to the middle).
 
-A new one (the linear flow path of flow-map methods) is one subclass here and one entry of PARAMETERIZATIONS.
+A new one is one subclass here and one entry of PARAMETERIZATIONS.
 """
 
 import math
 
+from .flowmap import FlowMap, FlowMapSigmaView, sample_flow_map
 from .samplers import karras_sample
 from .trigflow import SigmaView, TrigFlowDenoiser, sample_trigflow
 
@@ -29,6 +32,17 @@ def check_grid_indices(ts, steps):
     if len(ts) < 2 or any(not 0 <= t < steps for t in ts) or list(ts) != sorted(set(ts)):
         raise ValueError(f"--ts must be two or more increasing grid indices in 0..{steps - 1} (--steps {steps}), "
                          f"e.g. 0,{steps // 2},{steps - 1}; got {','.join(map(str, ts)) or 'none'}")
+
+
+def parse_times(text, end, interval):
+    """The decreasing times of --t_mid, each in (0, end); () for an empty text."""
+    try:
+        times = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--t_mid must be comma-separated numbers, got {text!r}") from None
+    if any(not 0 < t < end for t in times) or list(times) != sorted(times, reverse=True):
+        raise ValueError(f"--t_mid must be decreasing times in {interval}; got {text!r}")
+    return times
 
 
 class Parameterization:
@@ -85,16 +99,11 @@ class TrigFlow(Parameterization):
     stored_flags = ("time_input",)
 
     def sampler_steps(self, args):
-        """sCM's intermediate times of --sampler multistep (--t_mid, decreasing, in (0, pi/2)); () for one step."""
+        """sCM's intermediate times of --sampler multistep (--t_mid, decreasing, in (0, pi/2); empty: the paper's
+        ImageNet-64 two-step, 1.1); () for one step."""
         if args.sampler != "multistep":
             return super().sampler_steps(args)
-        try:
-            times = tuple(float(v) for v in args.t_mid.split(",") if v.strip())
-        except ValueError:
-            raise ValueError(f"--t_mid must be comma-separated numbers, got {args.t_mid!r}") from None
-        if not times or any(not 0 < t < math.pi / 2 for t in times) or list(times) != sorted(times, reverse=True):
-            raise ValueError(f"--t_mid must be decreasing times in (0, pi/2), e.g. 1.1; got {args.t_mid!r}")
-        return {"ts": None, "t_mid": times}
+        return {"ts": None, "t_mid": parse_times(args.t_mid, math.pi / 2, "(0, pi/2)") or (1.1,)}
 
     def sampling_denoiser(self, diffusion, args):
         # f = cos(t) x - sin(t) sigma_d F, from the network's own sigma_data, sigma_max and c_noise
@@ -108,9 +117,32 @@ class TrigFlow(Parameterization):
                                clip_denoised=sample_kwargs["clip_denoised"])
 
 
+class LinearFlowMap(Parameterization):
+    name = "flow_map"
+    description = "a flow map u(z_t, r, t) on the linear path z_t = (1 - t) x + t e, sampled with onestep or multistep"
+    samplers = ("onestep", "multistep")
+
+    def sampler_steps(self, args):
+        """The intermediate flow times of --sampler multistep (--t_mid, decreasing, in (0, 1); 0.5 when not given)."""
+        if args.sampler != "multistep":
+            return super().sampler_steps(args)
+        return {"ts": None, "t_mid": parse_times(args.t_mid, 1.0, "(0, 1)") or (0.5,)}
+
+    def sampling_denoiser(self, diffusion, args):
+        return FlowMap()
+
+    def editing_denoiser(self, denoiser, args):
+        return FlowMapSigmaView(denoiser, args.sigma_min, args.sigma_max)
+
+    def sample(self, denoiser, model, shape, generator, *, sampler, steps, ts, t_mid, model_kwargs, device, **sample_kwargs):
+        return sample_flow_map(denoiser, model, shape, generator, ts=t_mid, model_kwargs=model_kwargs, device=device,
+                               clip_denoised=sample_kwargs["clip_denoised"])
+
+
 DENOISER = KarrasSigma("denoiser", "an EDM-style denoiser D(x, sigma), sampled with heun, euler, dpm, ancestral or progdist",
                        ("heun", "euler", "dpm", "ancestral", "progdist"), boundary_condition=False)
 CONSISTENCY = KarrasSigma("consistency", "a consistency model f(x, sigma) with the boundary condition, sampled with "
                           "onestep or multistep", ("onestep", "multistep"), boundary_condition=True)
 TRIGFLOW = TrigFlow()
-PARAMETERIZATIONS = {p.name: p for p in (DENOISER, CONSISTENCY, TRIGFLOW)}
+FLOW_MAP = LinearFlowMap()
+PARAMETERIZATIONS = {p.name: p for p in (DENOISER, CONSISTENCY, TRIGFLOW, FLOW_MAP)}

@@ -60,7 +60,8 @@ def sampling_argparser(description, **script_defaults):
         compile=False,  # fast path: torch.compile the network (compiles on the first batch)
         precision="auto",  # auto | fp32 | bf16 | fp16 of the torso; auto: bf16 where the device runs it natively
         time_input="edm",  # sCM models' time input: edm (the EDM network's c_noise(sigma_d tan t)) | identity (t; sCT)
-        t_mid="1.1",  # sCM multistep: the intermediate TrigFlow times, decreasing (the paper's ImageNet-64 two-step: 1.1)
+        t_mid="",  # multistep of sCM and flow maps: the intermediate times, decreasing; empty: TrigFlow 1.1 (sCM's
+        # ImageNet-64 two-step), flow map 0.5
     )
     defaults.update(model_and_diffusion_defaults())
     defaults.update(script_defaults)
@@ -256,7 +257,7 @@ def generate_samples(
     num_classes from the generator. With `shard_dir`, each round is kept there and a rerun resumes.
     `kind` (the model's parameterization, cm.parameterizations) samples each round from `diffusion`, its sampling denoiser: Karras
     sigma with --sampler at `steps` (`ts`: multistep's grid indices) and `sample_kwargs` (clip_denoised, sigma_min,
-    sigma_max, s_churn, ...), TrigFlow in one step and once more at each time of `t_mid`."""
+    sigma_max, s_churn, ...), TrigFlow and flow maps in one step and once more at each time of `t_mid`."""
     device = dist_util.dev()
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     images, labels, done = [], [], 0

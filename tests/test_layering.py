@@ -12,7 +12,7 @@ from test_scripts import ROOT
 LAYERS = [
     ("foundation", {"atomic", "cli", "config", "dist_util", "logger", "nn", "random_util", "precision", "fast_paths", "image_io",
                     "plots", "run_folder"}),
-    ("networks and numerics", {"unet", "networks", "schedule", "denoiser", "trigflow", "jvp", "ema", "phema", "checkpoints", "image_datasets"}),
+    ("networks and numerics", {"unet", "networks", "schedule", "denoiser", "trigflow", "flowmap", "jvp", "ema", "phema", "checkpoints", "image_datasets"}),
     ("losses and samplers", {"lpips", "losses", "samplers", "editing", "parameterizations"}),
     ("training methods", {"methods"}),
     ("loop, compatibility layer, script helpers", {"train_util", "karras_diffusion", "script_util", "diffusers_convert",
