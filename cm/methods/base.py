@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from ..jvp import JVP_METHODS
 from ..parameterizations import CONSISTENCY
 
 
@@ -37,6 +38,21 @@ LOGNORMAL_FLAGS = dict(
     p_mean=(-1.1, "lognormal noise levels ln(sigma) ~ N(p_mean, p_std^2): the mean"),
     p_std=(2.0, "the lognormal's standard deviation"),
 )
+
+# the time derivative of the network that sCM's tangent and MeanFlow's target take (cm/jvp.py), declared once for both
+JVP_FLAGS = dict(
+    jvp=("forward", "dF/dt: forward (torch.func.jvp) | finite_diff"),
+    jvp_eps=(1e-3, "the step of --jvp finite_diff (in t; x moves by eps dx/dt)"),
+)
+
+
+def check_jvp_flags(mode, args):
+    """One clear error for the flags a method that takes a JVP (in float32, cm.jvp) cannot run with."""
+    if args.use_fp16:
+        raise ValueError(f"--training_mode {mode} runs its JVP in float32 and trains in float32 or bf16; fp16 is "
+                         "refused (pass --precision bf16 or fp32 instead of --use_fp16)")
+    if args.jvp not in JVP_METHODS:
+        raise ValueError(f"unknown --jvp {args.jvp!r}; choose one of {', '.join(JVP_METHODS)}")
 
 
 def start_from_teacher(model, build_teacher):

@@ -24,9 +24,9 @@ from ..denoiser import network_time
 from ..nn import append_dims, mean_flat, timestep_embedding
 from ..parameterizations import TRIGFLOW
 from ..random_util import rng_states, set_rng_states
-from ..jvp import JVP_METHODS, network_jvp
+from ..jvp import network_jvp
 from ..trigflow import TrigFlowDenoiser, diffuse, lognormal_t, sigma_of_t
-from .base import LOGNORMAL_FLAGS, TrainingMethod, start_from_teacher
+from .base import JVP_FLAGS, LOGNORMAL_FLAGS, TrainingMethod, check_jvp_flags, start_from_teacher
 
 WEIGHTINGS = ("adaptive", "prior")
 
@@ -64,8 +64,7 @@ class ContinuousConsistencyTraining(TrainingMethod):
         tangent_warmup_steps=(10000, "r of the tangent rises linearly from 0 to 1 over this many steps"),
         p_truncate=(False, "the lognormal noise levels truncated to [sigma_min, sigma_max] (as FastGen draws them)"),
         tangent_norm_c=(0.1, "tangent normalisation g / (||g|| + c)"),
-        jvp=("forward", "dF/dt: forward (torch.func.jvp) | finite_diff"),
-        jvp_eps=(1e-3, "the step of --jvp finite_diff (in t; x moves by eps dx/dt)"),
+        **JVP_FLAGS,
         scm_weighting=("adaptive", "the loss weighting: adaptive (learned w(t)) | prior (1 / (sigma_d tan t))"),
     )
     flag_defaults = dict(time_input="identity", double_norm=True, use_scale_shift_norm=True, p_mean=-1.0, p_std=1.6)
@@ -73,11 +72,7 @@ class ContinuousConsistencyTraining(TrainingMethod):
     @classmethod
     def check_flags(cls, args):
         super().check_flags(args)
-        if args.use_fp16:
-            raise ValueError(f"--training_mode {cls.name} runs its JVP in float32 and trains in float32 or bf16; "
-                             "fp16 is refused (pass --precision bf16 or fp32 instead of --use_fp16)")
-        if args.jvp not in JVP_METHODS:
-            raise ValueError(f"unknown --jvp {args.jvp!r}; choose one of {', '.join(JVP_METHODS)}")
+        check_jvp_flags(cls.name, args)
         if args.scm_weighting not in WEIGHTINGS:
             raise ValueError(f"unknown --scm_weighting {args.scm_weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
 
