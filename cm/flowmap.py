@@ -1,10 +1,11 @@
-"""The linear flow path of flow-map methods (MeanFlow: Geng, Deng, Bai, Kolter, He 2025, Sec. 3-4): z_t = (1 - t) x + t e,
+"""The linear flow path of flow-map methods (Geng, Deng, Bai, Kolter, He 2025, "Mean Flows for
+One-step Generative Modeling", Sec. 3-4): z_t = (1 - t) x + t e,
 t in [0, 1], e ~ N(0, I), the velocity v = dz_t/dt = e - x. A flow-map network u(z_t, r, t), the average velocity
 over [r, t], moves a point of the path to time r: z_r = z_t - (t - r) u(z_t, r, t); at r = t it is the
 instantaneous velocity v(z_t, t).
 
 The network is conditioned on two times, (t, t - r) (the paper's best embedding, Table 1c), each given as it is,
-t in [0, 1] (py-meanflow's U-Net), and sees z_t without an input scaling.
+t in [0, 1] (the paper's official U-Net), and sees z_t without an input scaling.
 
 Its relation to the Karras/EDM noise level: at equal signal-to-noise ratio sigma = t / (1 - t), and the EDM input is
 x_sigma = z_t / (1 - t); the jump to r = 0 is the flow map's estimate of the data, x_0 = z_t - t u(z_t, 0, t), so a
@@ -34,7 +35,7 @@ def interpolate(x0, e, t):
 
 
 def logit_normal(normal, p_mean, p_std):
-    """Times sigmoid(P_mean + P_std n) in (0, 1) from standard normal draws n (MeanFlow, Sec. 4.3)."""
+    """Times sigmoid(P_mean + P_std n) in (0, 1) from standard normal draws n (Mean Flows, Sec. 4.3)."""
     return torch.sigmoid(p_mean + p_std * normal)
 
 
@@ -71,7 +72,7 @@ class FlowMapSigmaView:
 
 @torch.no_grad()
 def sample_flow_map(flow_map, model, shape, generator, ts=(), model_kwargs=None, device=None, clip_denoised=True):
-    """Flow-map sampling (MeanFlow, Algorithm 2): z_1 = e, then one jump per interval of 1 > ts[0] > ... > 0,
+    """Flow-map sampling (Mean Flows, Algorithm 2): z_1 = e, then one jump per interval of 1 > ts[0] > ... > 0,
     z_r = z_t - (t - r) u(z_t, r, t); no noise is drawn after e. One step: z_0 = z_1 - u(z_1, 0, 1)."""
     model_kwargs = model_kwargs or {}
     z = generator.randn(*shape, device=device)

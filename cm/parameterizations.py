@@ -7,7 +7,7 @@ names of time variables.
 - `consistency`: sigma with the consistency boundary scalings, f(x, sigma_min) = x (CM paper, eq. 3); one step,
   or multistep on the Karras grid at --ts (CM paper, Algorithm 1).
 - `trigflow`: TrigFlow time t (cm.trigflow; sCM, Lu & Song 2025); one step, or multistep at the times --t_mid.
-- `flow_map`: the linear flow path z_t = (1 - t) x + t e and a flow map u(z_t, r, t) (cm.flowmap; MeanFlow); one
+- `flow_map`: the linear flow path z_t = (1 - t) x + t e and a flow map u(z_t, r, t) (cm.flowmap; Mean Flows); one
   jump from t = 1 to 0, or jumps through the times --t_mid (0.5 when not given: ours, one jump to the middle).
 
 A new one is one subclass here and one entry of PARAMETERIZATIONS.

@@ -271,8 +271,8 @@ class UNetModel(nn.Module):
         "fourier" (random Fourier features of std `fourier_scale`, iCT's option; adds the buffer
         `time_fourier.freqs` to the state dict).
     :param time_inputs: the number K of times the network is conditioned on (timesteps [N x K] when K > 1): each
-        is embedded alike and one MLP maps their features side by side, as py-meanflow's U-Net conditions on
-        MeanFlow's (t, t - r); K = 1 is the published network.
+        is embedded alike and one MLP maps their features side by side, as the official Mean Flows U-Net conditions on
+        (t, t - r); K = 1 is the published network.
     """
 
     def __init__(

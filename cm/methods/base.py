@@ -39,7 +39,7 @@ LOGNORMAL_FLAGS = dict(
     p_std=(2.0, "the lognormal's standard deviation"),
 )
 
-# the time derivative of the network that sCM's tangent and MeanFlow's target take (cm/jvp.py), declared once for both
+# the time derivative of the network that sCM's tangent and the flow map's target take (cm/jvp.py), declared once for both
 JVP_FLAGS = dict(
     jvp=("forward", "dF/dt: forward (torch.func.jvp) | finite_diff"),
     jvp_eps=(1e-3, "the step of --jvp finite_diff (in t; x moves by eps dx/dt)"),

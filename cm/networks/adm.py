@@ -38,7 +38,7 @@ FLAGS = {
     "time_embed": ("positional", "noise-level embedding: positional (published) | fourier (iCT's option)"),
     "fourier_scale": (0.02, "std of the Fourier frequencies (iCT: 0.02; NCSN++: 16)"),
     "double_norm": (False, "sCM's adaptive double normalisation of the scale-shift conditioning"),
-    "time_inputs": (1, "times the network is conditioned on (MeanFlow's (t, t - r): 2); timesteps [N x K] when K > 1"),
+    "time_inputs": (1, "times the network is conditioned on (a flow map's (t, t - r): 2); timesteps [N x K] when K > 1"),
 }
 
 
