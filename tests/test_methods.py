@@ -144,6 +144,7 @@ def one_step_of(method, model, ctx, batch, cond, step):
     from cm.train_util import StepRandom
 
     rows = method.draw(StepRandom(0, step, 0, 1, batch.shape[0], batch.device), batch, step)
+    torch.manual_seed(step)  # the dropout masks (a resumed loop restores the global random state)
     loss = method.losses(model, batch, cond, rows, step)["loss"].mean()
     trained = list(model.parameters()) + [p for m in method.trainables().values() for p in m.parameters()]
     for p in trained:

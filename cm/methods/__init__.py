@@ -10,6 +10,7 @@ from .base import TrainingMethod
 from .consistency import ConsistencyDistillation, ConsistencyTraining, ImprovedConsistencyTraining
 from .ect import EasyConsistencyTuning
 from .edm import EDM
+from .meanflow import MeanFlow
 from .progdist import ProgressiveDistillation
 from .scm import ContinuousConsistencyDistillation, ContinuousConsistencyTraining
 
@@ -40,6 +41,7 @@ for _cls in (
     EasyConsistencyTuning,
     ContinuousConsistencyTraining,
     ContinuousConsistencyDistillation,
+    MeanFlow,
 ):
     register(_cls)
 
