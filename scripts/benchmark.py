@@ -64,10 +64,13 @@ TINY_FLAGS = dict(
 # published CD schedule (cd_*_imagenet64): N = 40, target EMA 0.95; CT's comes from the config's preset
 CD_SCHEDULE = dict(target_ema_mode="fixed", start_ema=0.95, scale_mode="fixed", start_scales=40, end_scales=40)
 TWO_STEP = dict(ts=(0, 106, 200), steps=201)  # the published ImageNet-64 CT two-step sampling
-# benchmark mode -> training method; sCT's step is one JVP (forward mode, or finite differences) plus CT's
-# forward and backward pass, its cost against a CT step is the JVP's
+# benchmark mode -> training method; sCT's, sCD's and MeanFlow's step is one JVP (forward mode, or finite differences)
+# plus CT's forward and backward pass (sCD's also a teacher evaluation), its cost against a CT step is the JVP's
 TRAINING_MODES = {"ct": "consistency_training", "cd": "consistency_distillation",
-                  "sct": "continuous_consistency_training", "sct_fd": "continuous_consistency_training"}
+                  "sct": "continuous_consistency_training", "sct_fd": "continuous_consistency_training",
+                  "scd": "continuous_consistency_distillation", "meanflow": "meanflow"}
+TEACHER_MODES = ("cd", "scd")  # given a teacher of the student's architecture
+TWO_TIME_MODES = ("meanflow",)  # its network conditioned on (t, t - r): --time_inputs 2
 
 
 # ---- configurations ---------------------------------------------------------------------------------------
@@ -199,15 +202,19 @@ def row_train(ctx, config, mode, precision, batch, channels_last=False, compile=
     model_flags, train = config_flags(config, ctx.network)
     if mode == "cd":
         train = dict(train, **CD_SCHEDULE)
+    if mode in TWO_TIME_MODES:
+        model_flags = dict(model_flags, time_inputs=2)
     model, diffusion = build_model(model_flags, ctx.device, loss_norm=train["loss_norm"])
     flags = argparse.Namespace(**dict(
         cm_train_defaults(), **{k: v for k, v in train.items() if k in cm_train_defaults()}, teacher_model_path="given",
         teacher_solver="heun", use_fp16=precision == "fp16", use_checkpoint=False, lr=1e-4,
-        training_mode=TRAINING_MODES[mode], time_input="identity", jvp="finite_diff" if mode == "sct_fd" else "forward",
+        training_mode=TRAINING_MODES[mode], time_input="edm" if mode == "scd" else "identity",
+        jvp="finite_diff" if mode == "sct_fd" else "forward", time_inputs=model_flags.get("time_inputs", 1),
     ))
     method = method_class(flags.training_mode)(flags, diffusion)
     # the teacher of CD: a network of the same architecture (as scripts/cm_train.py builds it)
-    method.build_networks(model, (lambda: build_model(model_flags, ctx.device, distillation=False)) if mode == "cd" else None)
+    method.build_networks(model, (lambda: build_model(model_flags, ctx.device, distillation=False))
+                          if mode in TEACHER_MODES else None)
     if compile:
         torch._dynamo.reset()
     loop = TrainLoop(method=method, model=model.train(), data=None, settings=LoopSettings(
@@ -419,10 +426,11 @@ def plan(args, device):
                              dict(config=config, mode=mode, precision=precision, batch=batch, channels_last=cl)))
         rows.append((f"train/{config}/ct/bf16{'' if cl else '+cl'}", "train",
                      dict(config=config, mode="ct", precision="bf16", batch=batch, channels_last=not cl)))
-        # sCT (no fp16: its JVP runs in float32); at ImageNet-64 size on a CPU, and in --quick, one float32 row of each
+        # the JVP methods (no fp16: the JVP runs in float32); at ImageNet-64 size on a CPU, and in --quick, one float32
+        # row of each
         full = cuda or (config != "imagenet64" and not args.quick)
         scm_precisions = ["fp32"] + [p for p in half if p != "fp16"] if full else ["fp32"]
-        for mode in ("sct", "sct_fd"):
+        for mode in ("sct", "sct_fd", "scd", "meanflow"):
             for precision in scm_precisions:
                 rows.append((f"train/{config}/{mode}/{precision}{'+cl' if cl else ''}", "train",
                              dict(config=config, mode=mode, precision=precision, batch=batch, channels_last=cl)))
@@ -597,7 +605,7 @@ def targets(rows):
 
 
 def step_costs(rows):
-    """Each training method's step time against CT's at the same configuration and precision: sCT's
+    """Each training method's step time against CT's at the same configuration and precision: a JVP method's
     ratio is the cost of its JVP (forward mode or finite differences) over CT's one target evaluation."""
     out = []
     for name, row in rows.items():
