@@ -3,17 +3,15 @@ compare`): CT (the budget), sCD (a TrigFlow model from the teacher whose equal-w
 its run) and ECT (retrained for the budget)."""
 
 import json
-import os
-import subprocess
-import sys
 
-from test_scripts import ROOT
+from test_scripts import run_here
 
 
 def test_compare_quick_writes_tables_and_grids(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "scripts/compare_digits.py", "--quick", "True", "--log_dir", str(tmp_path), "--methods", "CT,sCD,ECT"]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    # `python scripts/compare_digits.py ...` in this process (run_here: one thread, as with OMP_NUM_THREADS=1),
+    # twice: a process start-up saved each time
+    argv = ["--quick", "True", "--log_dir", str(tmp_path), "--methods", "CT,sCD,ECT"]
+    result = run_here("compare_digits", argv)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     rows = {(r["round"], r["model"]): r for r in results["rows"]}
@@ -39,6 +37,6 @@ def test_compare_quick_writes_tables_and_grids(tmp_path):
                  "samples/scd_4steps_ema_0.99_000004_twostep/samples_grid.png"):
         assert (tmp_path / name).exists(), name
     # run again: every stage is reused, nothing retrained
-    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    again = run_here("compare_digits", argv)
     assert again.returncode == 0 and "training..." not in again.stdout
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == results["rows"]

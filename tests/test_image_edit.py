@@ -1,13 +1,12 @@
 """End to end: scripts/image_edit.py at tiny size, every task, and the edit invariants on its saved arrays.
 
-All runs start together (one module fixture, each a subprocess) so the file takes the time of the
-slowest few rather than the sum; each test then checks one run's outputs.
+All runs are made once (one module fixture), each as `python scripts/...` would make it but in this process
+(run_here: on one thread, as a subprocess with OMP_NUM_THREADS=1; the same arrays), since a run takes a fraction of
+a second and a process start-up seconds; each test then checks one run's outputs.
 """
 
 import importlib.util
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from cm.image_datasets import load_digits_arrays
 from cm.script_util import create_model_and_diffusion
 
 from conftest import randomize, tiny_config
-from test_scripts import TINY_FLAGS as TINY_SCRIPT_FLAGS
+from test_scripts import TINY_FLAGS as TINY_SCRIPT_FLAGS, run_here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = TINY_SCRIPT_FLAGS.split()
@@ -67,33 +66,21 @@ def runs(tmp_path_factory):
         "interpolation": ["--task", "interpolation", "--num_images", "3", "--interp_points", "5",
                           "--batch_size", "2", "--class_labels", "3", "--steps", "10"],
     }
-    commands = {
-        name: [sys.executable, "scripts/image_edit.py", *model_flags, *flags, "--log_dir", str(tmp / name)]
-        for name, flags in jobs.items()
+    commands = {  # run name: (script, its command line)
+        name: ("image_edit", [*model_flags, *flags, "--log_dir", str(tmp / name)]) for name, flags in jobs.items()
     }
     # no checkpoint: the smoke-test model, with a mask image file
-    commands["mask_file"] = [sys.executable, "scripts/image_edit.py", *TINY_FLAGS, "--task", "inpainting",
-                             "--data_dir", "digits", "--num_images", "3", "--mask", str(tmp / "mask.png"),
-                             *EDIT_FLAGS, "--log_dir", str(tmp / "mask_file")]
+    commands["mask_file"] = ("image_edit", [*TINY_FLAGS, "--task", "inpainting", "--data_dir", "digits",
+                                            "--num_images", "3", "--mask", str(tmp / "mask.png"), *EDIT_FLAGS,
+                                            "--log_dir", str(tmp / "mask_file")])
     # one-step samples of the same seeded noises, from the sampling script
-    commands["onestep"] = [sys.executable, "scripts/image_sample.py", *model_flags, "--training_mode",
-                           "consistency_distillation", "--sampler", "onestep", "--num_samples", "3",
-                           "--batch_size", "3", "--class_labels", "3", "--log_dir", str(tmp / "onestep")]
-
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = {
-        name: subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for name, cmd in commands.items()
-    }
+    commands["onestep"] = ("image_sample", [*model_flags, "--training_mode", "consistency_distillation",
+                                            "--sampler", "onestep", "--num_samples", "3", "--batch_size", "3",
+                                            "--class_labels", "3", "--log_dir", str(tmp / "onestep")])
     results = {}
-    try:
-        for name, proc in procs.items():
-            out, err = proc.communicate(timeout=300)
-            results[name] = (proc.returncode, out, err, tmp / name)
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
+    for name, (script, argv) in commands.items():
+        result = run_here(script, argv)
+        results[name] = (result.returncode, result.stdout, result.stderr, tmp / name)
     return results
 
 
