@@ -17,6 +17,7 @@ import contextlib
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .nn import input_tangents_only
 from .random_util import rng_states, set_rng_states
 
 JVP_METHODS = ("forward", "finite_diff")
@@ -31,7 +32,7 @@ def network_jvp(fn, x, t, dx_dt, method="forward", eps=1e-3):
     no_autocast = torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext()
     with torch.no_grad(), no_autocast:
         if method == "forward":
-            with sdpa_kernel(SDPBackend.MATH):
+            with sdpa_kernel(SDPBackend.MATH), input_tangents_only():
                 return torch.func.jvp(fn, (x, t), (dx_dt, torch.ones_like(t)))
         value = fn(x, t)
         set_rng_states(device, states)

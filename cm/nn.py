@@ -1,5 +1,6 @@
 """Small layers and tensor helpers shared by the U-Net, the denoiser, the losses and the samplers."""
 
+import contextlib
 import math
 
 import torch
@@ -26,9 +27,67 @@ def normalization(channels):
     return GroupNorm32(32, channels)
 
 
+class _ConvWithInputTangent(torch.autograd.Function):
+    """A convolution whose forward-mode tangent is conv(dx, W) alone: its weights are constants of the JVP, where
+    PyTorch's rule also convolves x with their (zero) tangent, a third convolution of the same size."""
+
+    @staticmethod
+    def forward(x, weight, bias, layer):
+        return layer._conv_forward(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.weight, ctx.layer = inputs[1], inputs[3]
+
+    @staticmethod
+    def jvp(ctx, dx, *_):
+        return ctx.layer._conv_forward(dx, ctx.weight, None)
+
+
+class _InputTangentOnly:
+    """Whether the network is being differentiated along its inputs only (cm.jvp's forward mode: no autograd, the
+    weights constant): its convolutions then take the cheaper tangent."""
+
+    active = False
+
+
+def input_tangents_only_active():
+    """Whether the network runs inside input_tangents_only() (its layers may take their cheaper tangent)."""
+    return _InputTangentOnly.active
+
+
+@contextlib.contextmanager
+def input_tangents_only():
+    """Within: convolutions built by conv_nd compute their forward-mode tangent as conv(dx, W) only (cm.jvp)."""
+    before, _InputTangentOnly.active = _InputTangentOnly.active, True
+    try:
+        yield
+    finally:
+        _InputTangentOnly.active = before
+
+
+class _Conv:
+    def forward(self, x):
+        if _InputTangentOnly.active:
+            return _ConvWithInputTangent.apply(x, self.weight, self.bias, self)
+        return super().forward(x)
+
+
+class Conv1d(_Conv, nn.Conv1d):
+    pass
+
+
+class Conv2d(_Conv, nn.Conv2d):
+    pass
+
+
+class Conv3d(_Conv, nn.Conv3d):
+    pass
+
+
 def conv_nd(dims, *args, **kwargs):
-    """A 1-D, 2-D or 3-D convolution."""
-    layers = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+    """A 1-D, 2-D or 3-D convolution (nn.ConvNd, with the cheaper tangent of input_tangents_only())."""
+    layers = {1: Conv1d, 2: Conv2d, 3: Conv3d}
     if dims not in layers:
         raise ValueError(f"unsupported dimensions: {dims} (use 1, 2 or 3)")
     return layers[dims](*args, **kwargs)

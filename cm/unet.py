@@ -7,6 +7,8 @@ checkpoints were trained with: [q of all heads | k of all heads | v of all heads
 channels contiguous inside its block.
 """
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -17,6 +19,7 @@ from .nn import (
     checkpoint,
     conv_nd,
     convert_module_to_dtype,
+    input_tangents_only_active,
     linear,
     normalization,
     timestep_embedding,
@@ -197,6 +200,10 @@ class QKVAttention(nn.Module):
             # 8x float32's time at 64 tokens), so attention that will be differentiated runs in float32
             with torch.autocast("cpu", enabled=False):
                 out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(qkv.dtype)
+        elif input_tangents_only_active():
+            # in cm.jvp's forward mode: softmax(q k^T / sqrt(ch)) v written out (SDPA's math path, which the fused
+            # kernels leave for forward mode anyway, also tests every row for full masking: 4% of a JVP)
+            out = torch.softmax(q @ (k.transpose(-1, -2) / math.sqrt(ch)), dim=-1) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v)  # [N x heads x T x ch], scale 1/sqrt(ch)
         # back to [N x C x T] in the input's layout (a channels_last input gets a view with contiguous channels)

@@ -121,6 +121,25 @@ def test_the_jvp_agrees_with_finite_differences_and_a_float64_derivative(dropout
     assert ((forward32.double() - forward).norm() / forward.norm()).item() < 1e-4
 
 
+def test_the_lean_jvp_layers_give_torchs_own_tangent(monkeypatch):
+    """cm.jvp's forward mode runs convolutions without their zero weight tangent and attention written out
+    (cm.nn.input_tangents_only): the same primal and tangent as PyTorch's general rules, to rounding."""
+    import contextlib
+
+    import cm.jvp
+
+    model, _ = random_unet(torch.float32)  # attention at 8x8 included
+    den = TrigFlowDenoiser(0.5, "identity")
+    gen = torch.Generator().manual_seed(3)
+    x, dx = (torch.randn(3, 3, 16, 16, generator=gen) for _ in range(2))
+    t, y = torch.tensor([0.2, 0.9, 1.4]), torch.arange(3)
+    lean = network_jvp(lambda a, s: den.network(model, a, s, y=y), x, t, dx)
+    monkeypatch.setattr(cm.jvp, "input_tangents_only", contextlib.nullcontext)
+    general = network_jvp(lambda a, s: den.network(model, a, s, y=y), x, t, dx)
+    for a, b in zip(lean, general):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 class Toy(torch.nn.Module):
     """F(u, c) = a u + b c: dF/dt along (dx/dt, 1) is a (dx/dt) / sigma_d + b in closed form."""
 
