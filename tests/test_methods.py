@@ -4,11 +4,12 @@ import json
 import math
 import shlex
 
+import numpy as np
 import pytest
 import torch
 
 from cm import methods
-from cm.checkpoints import Saved
+from cm.checkpoints import Saved, checkpoint_config
 from cm.methods import MethodContext, TrainingMethod
 from cm.nn import mean_flat
 from cm.parameterizations import DENOISER, TRIGFLOW
@@ -126,6 +127,25 @@ def test_a_method_registered_from_outside_trains_through_the_unchanged_loop(toy_
     assert json.loads((tmp_path / "config.json").read_text())["loss_norm"] == "l2"  # its flag default
     first, last = (torch.load(tmp_path / f"model00000{k}.pt", weights_only=True) for k in (2, 3))
     assert any(not torch.equal(first[k], last[k]) for k in first)
+
+
+def test_the_method_example_of_the_docs_trains_and_samples(tmp_path):
+    from test_networks import docs_example
+
+    example = docs_example("# cm/methods/my_method.py", package="cm.methods")  # the file docs/library.md shows
+    methods.register(example.MyMethod)  # its registry line
+    try:
+        train = TRAIN + " --training_mode my_method --my_p_std 0.8 --total_training_steps 2 --save_interval 2"
+        load_script("cm_train").main(shlex.split(train + f" --log_dir {tmp_path / 'run'}"))
+        assert checkpoint_config(torch.load(tmp_path / "run" / "model000002.pt", weights_only=True))["my_p_std"] == 0.8
+        sample = (f"--model_path {tmp_path / 'run' / 'model000002.pt'} --steps 2 --num_samples 2 --batch_size 2 "
+                  f"--precision fp32 --log_dir {tmp_path / 'samples'}")
+        load_script("image_sample").main(shlex.split(sample))  # as the denoiser it declares: heun, by itself
+        assert np.load(tmp_path / "samples" / "samples_2x16x16x3.npz")["arr_0"].shape == (2, 16, 16, 3)
+        with pytest.raises(ValueError, match="--sampler heun"):  # the checkpoint says what it is
+            load_script("image_sample").main(shlex.split(sample + " --sampler onestep"))
+    finally:
+        del methods.METHODS[example.MyMethod.name]
 
 
 def test_edm_trains_through_cm_train_and_refuses_a_teacher(tmp_path):

@@ -21,11 +21,13 @@ from test_scripts import ROOT, load_script
 from test_training import run_in_process, train
 
 
-def docs_example(first_line):
-    """The module that a ```python block of docs/library.md beginning with `first_line` shows."""
+def docs_example(first_line, package=None):
+    """The module that a ```python block of docs/library.md beginning with `first_line` shows (`package`: where its
+    relative imports start, as for the file it names)."""
     with open(os.path.join(ROOT, "docs", "library.md")) as f:
         code = f.read().split(f"```python\n{first_line}\n", 1)[1].split("```", 1)[0]
     module = types.ModuleType(first_line)
+    module.__package__ = package
     exec(code, module.__dict__)
     return module
 
