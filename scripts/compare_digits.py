@@ -1,18 +1,18 @@
-"""CT, iCT, sCT, and ECT, CD, sCD from one EDM teacher, compared on the embedded digits on a CPU, on one
+"""CT, iCT, sCT, MeanFlow, and ECT, CD, sCD from one EDM teacher, compared on the embedded digits on a CPU, on one
 network (base/digits_compare): at equal training steps and at equal wall-clock, the teacher's time counted.
 
   bash launch.sh compare        (or: python scripts/compare_digits.py [--log_dir runs/compare] [--quick True])
 
 1. Trains the EDM teacher that ECT, CD and sCD start from (preset demo_edm, --teacher_steps steps).
-2. Equal steps: CT (demo_ct), iCT (demo_ict), sCT (compare_sct), ECT (demo_ect), CD (compare_cd) and sCD
-   (compare_scd), --steps steps of batch 64 each; each run's seconds are measured.
+2. Equal steps: CT (demo_ct), iCT (demo_ict), sCT (compare_sct), ECT (demo_ect), CD (compare_cd), sCD
+   (compare_scd) and MeanFlow (compare_meanflow), --steps steps of batch 64 each; each run's seconds are measured.
 3. Equal wall-clock, the teacher counted: every method gets the seconds CT took in 2, less the teacher's
    for the methods that need one, priced at its own measured seconds per step (iCT and ECT do CT's work
-   per step, so CT's price is theirs). CT and iCT keep their runs of 2; sCT, CD and sCD, whose schedules
+   per step, so CT's price is theirs). CT and iCT keep their runs of 2; sCT, CD, sCD and MeanFlow, whose schedules
    do not depend on the run's length, take the checkpoint of their run of 2 at the budget's step (saved
    every SAVE_EVERY steps; it is the shorter run exactly); ECT trains anew with its stage length fitted.
 4. Samples every model one-step and two-step (presets compare_sample_*: ts 0,10,20 of 21 for the Karras
-   models, t_mid 1.1 for the TrigFlow ones) and the teacher with Heun (18 steps, 35 evaluations) for
+   models, t_mid 1.1 for the TrigFlow ones, a jump through t = 0.5 for the flow map) and the teacher with Heun (18 steps, 35 evaluations) for
    reference, and evaluates them against the real digits with the digits feature extractor: FID,
    precision, recall, class accuracy.
 
@@ -52,6 +52,7 @@ METHODS = {
     "ECT": ("demo_ect", True, "retrain"),
     "CD": ("compare_cd", True, "prefix"),
     "sCD": ("compare_scd", True, "prefix"),
+    "MeanFlow": ("compare_meanflow", False, "prefix"),
 }
 ECT_STAGES = 8  # ECT's stages per run, as in the published CIFAR-10 schedule (200k steps, d = 25k)
 SAVE_EVERY = 50  # the "prefix" runs' checkpoint interval
