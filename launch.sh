@@ -2,7 +2,7 @@
 # The published experiments by name, and the embedded demo.
 #
 #   bash launch.sh demo                                   # CPU demo on the embedded digits (4 to 7 minutes on 2 cores)
-#   bash launch.sh compare                                # CT, iCT, sCT, ECT, CD, sCD on the digits (docs/digits.md: time)
+#   bash launch.sh compare                                # CT, iCT, sCT, ECT, CD, sCD, MeanFlow on the digits (docs/digits.md: time)
 #   bash launch.sh phema_sweep                            # post-hoc EMA sweep on the digits (docs/digits.md: time)
 #   bash launch.sh list                                   # every preset, with what it runs
 #   bash launch.sh ct_imagenet64 --data_dir /data/imagenet64          # one process
