@@ -2,7 +2,8 @@
 
 A network is a torch module called as `net(x, timesteps, y=None)`: x [N x C x H x W], timesteps [N] (or [N x K]
 for a network conditioned on K times, as a flow map's (t, t - r)), y [N] labels given if and only if it is
-class-conditional; it returns x's shape. It is built from a dict of its own keyword arguments, which are also its
+class-conditional (with a flag `null_class` True, y = num_classes means no class: classifier-free guidance); it
+returns x's shape. It is built from a dict of its own keyword arguments, which are also its
 flags: each declared once with a default and a one-line help, taken by every script that builds a model
 (cm.script_util.model_and_diffusion_defaults) and stored in every checkpoint's config. Under --precision fp16 or
 bf16 the scripts call its convert_to_fp16() / convert_to_bf16().

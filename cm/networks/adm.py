@@ -28,6 +28,7 @@ FLAGS = {
     "dropout": (0.0, "dropout in the residual blocks"),
     "class_cond": (False, "class-conditional model"),
     "num_classes": (NUM_CLASSES, "number of classes when class_cond"),
+    "null_class": (False, "one more class, y = num_classes, meaning no class (classifier-free guidance)"),
     "use_checkpoint": (False, "gradient checkpointing (less memory, more compute)"),
     "use_scale_shift_norm": (True, "FiLM conditioning in the residual blocks"),
     "resblock_updown": (False, "residual blocks for up/downsampling"),
@@ -72,7 +73,7 @@ def parse_attention_resolutions(attention_resolutions, image_size, levels=None):
 def build(image_size, num_channels, num_res_blocks, channel_mult, learn_sigma, class_cond, use_checkpoint,
           attention_resolutions, num_heads, num_head_channels, num_heads_upsample, use_scale_shift_norm, dropout,
           resblock_updown, use_fp16, use_new_attention_order, num_classes, use_bf16, time_embed, fourier_scale,
-          double_norm, time_inputs):
+          double_norm, time_inputs, null_class):
     mult = parse_channel_mult(channel_mult, image_size)
     if image_size < 1 or image_size % 2 ** (len(mult) - 1):
         raise ValueError(f"--image_size {image_size} cannot be halved {len(mult) - 1} times (--channel_mult "
@@ -86,7 +87,7 @@ def build(image_size, num_channels, num_res_blocks, channel_mult, learn_sigma, c
         attention_resolutions=parse_attention_resolutions(attention_resolutions, image_size, len(mult)),
         dropout=dropout,
         channel_mult=mult,
-        num_classes=num_classes if class_cond else None,
+        num_classes=num_classes + int(null_class) if class_cond else None,
         use_checkpoint=use_checkpoint,
         use_fp16=use_fp16,
         use_bf16=use_bf16,
