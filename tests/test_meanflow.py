@@ -31,9 +31,10 @@ class Toy(torch.nn.Module):
         self.b = torch.nn.Parameter(torch.tensor(-0.4, dtype=torch.float64))
         self.c = torch.nn.Parameter(torch.tensor(0.3, dtype=torch.float64))
 
-    def forward(self, z, times):
+    def forward(self, z, times, y=None):
         t, h = (times[:, i, None, None, None] for i in range(2))
-        return self.a * t * torch.sin(z) + self.b * h**2 * z + self.c * h
+        label = 0.0 if y is None else 0.05 * y[:, None, None, None].to(z.dtype)  # (a class-conditional toy)
+        return self.a * t * torch.sin(z) + self.b * h**2 * z + self.c * h + label
 
 
 def meanflow_flags(**overrides):
@@ -78,6 +79,50 @@ def test_the_target_and_loss_against_the_closed_form_of_a_toy_network(jvp):
     d_u = {"a": T * np.sin(z), "b": h**2 * z, "c": h}  # d u / d (a, b, c); the target carries no gradient
     expected = [(weights * (2 * (u - target) * d_u[k]).sum(axis=(1, 2, 3))).sum() for k in "abc"]
     np.testing.assert_allclose(grads, expected, rtol=rtol)
+
+
+def test_guidance_folded_into_training_against_a_direct_computation():
+    flags = meanflow_flags(class_cond=True, num_classes=10, null_class=True, meanflow_class_dropout=0.1,
+                           meanflow_cfg_omega=0.6, meanflow_cfg_kappa=0.3, meanflow_cfg_t_max=0.8)
+    method = MeanFlow(flags, diffusion=None)
+    toy = Toy()
+    x, e, t, r = toy_inputs()  # t = 0.9 (beyond the guided interval), 0.6, 0.3, 0.5
+    y = torch.tensor([3, 1, 7, 2])
+    unconditional = torch.tensor([False, False, True, False])  # the third trains without its class, on v
+    out = method.losses(toy, x, {"y": y}, {"noise": e, "t": t, "r": r, "unconditional": unconditional}, 0)
+    a, b, c, w, k = 0.7, -0.4, 0.3, 0.6, 0.3
+    X, E, T, R = x.numpy(), e.numpy(), t.numpy()[:, None, None, None], r.numpy()[:, None, None, None]
+    labels = np.where(unconditional.numpy(), 10, y.numpy())[:, None, None, None]  # the null class is num_classes
+    z = (1 - T) * X + T * E
+    v = E - X
+
+    def velocity(label):  # u(z_t, t, t | label): h = 0
+        return a * T * np.sin(z) + 0.05 * label
+
+    guided = w * v + k * velocity(y.numpy()[:, None, None, None]) + (1 - w - k) * velocity(10)
+    guide = (~unconditional.numpy() & (t.numpy() <= 0.8))[:, None, None, None]
+    v_tilde = np.where(guide, guided, v)
+    h = T - R
+    u = a * T * np.sin(z) + b * h**2 * z + c * h + 0.05 * labels
+    du_dt = a * np.sin(z) + a * T * np.cos(z) * v_tilde + 2 * b * h * z + b * h**2 * v_tilde + c
+    error = ((u - (v_tilde - h * du_dt)) ** 2).sum(axis=(1, 2, 3))
+    np.testing.assert_allclose(out["error"].detach().numpy(), error, rtol=1e-12)
+    assert toy.training  # (the guidance passes run in eval mode and leave the network as they found it)
+    with pytest.raises(ValueError, match="--null_class True"):
+        MeanFlow.check_flags(meanflow_flags(class_cond=True, null_class=False, meanflow_cfg_omega=2.0))
+
+
+def test_a_guided_run_trains_through_the_loop_and_samples_its_classes(tmp_path):
+    flags = (TRAIN + " --training_mode meanflow --null_class True --meanflow_class_dropout 0.25 --meanflow_cfg_omega 1.5 "
+             f"--total_training_steps 2 --save_interval 2 --microbatch 8 --log_dir {tmp_path / 'run'}")
+    load_script("cm_train").main(shlex.split(flags))
+    state = torch.load(tmp_path / "run" / "model000002.pt", weights_only=True)
+    assert state["label_emb.weight"].shape[0] == 11 and checkpoint_config(state)["null_class"] is True
+    load_script("image_sample").main(shlex.split(
+        f"--precision fp32 --num_samples 4 --batch_size 4 --class_labels 0,9 --model_path {tmp_path / 'run' / 'model000002.pt'} "
+        f"--log_dir {tmp_path / 'samples'}"))
+    with np.load(tmp_path / "samples" / "samples_4x16x16x3.npz") as samples:
+        assert samples["arr_0"].shape == (4, 16, 16, 3) and list(samples["arr_1"]) == [0, 9, 0, 9]
 
 
 @pytest.mark.parametrize("equal", [False, True], ids=["r_below_t", "r_equals_t"])
