@@ -12,8 +12,8 @@ network (base/digits_compare): at equal training steps and at equal wall-clock, 
    do not depend on the run's length, take the checkpoint of their run of 2 at the budget's step (saved
    every SAVE_EVERY steps; it is the shorter run exactly); ECT trains anew with its stage length fitted.
 4. Samples every model one-step and two-step (presets compare_sample_*: ts 0,10,20 of 21 for the Karras
-   models, t_mid 1.1 for the TrigFlow ones, a jump through t = 0.5 for the flow map) and the teacher with Heun (18 steps, 35 evaluations) for
-   reference, and evaluates them against the real digits with the digits feature extractor: FID,
+   models, t_mid 1.1 for the TrigFlow ones, a jump through t = 0.5 for the flow map) and the teacher with Heun
+   (18 steps, 35 evaluations) for reference, and evaluates them against the real digits with the digits feature extractor: FID,
    precision, recall, class accuracy.
 
 Writes results.json, results.md, grid_onestep.png and grid_twostep.png (one row per model in the order of
@@ -135,8 +135,8 @@ def markdown_table(rows, settings):
     notes = [
         "",
         f"Digits feature extractor; {settings['num_samples']} samples per model against the 1,797 real digits; "
-        "two-step: ts 0,10,20 of a 21-point Karras grid (TrigFlow models: t_mid 1.1); batch 64; training seconds "
-        "measured on this machine (the teacher's methods: their own + the teacher's).",
+        "two-step: ts 0,10,20 of a 21-point Karras grid (TrigFlow models: t_mid 1.1; flow maps: a jump through t = 0.5); "
+        "batch 64; training seconds measured on this machine (the teacher's methods: their own + the teacher's).",
         f"Equal wall-clock: {fmt(settings['budget_seconds'], 0)} s each (CT's run), the teacher's "
         f"{fmt(settings['teacher_seconds'], 0)} s ({settings['teacher_steps']} EDM steps) counted in ECT's, CD's "
         "and sCD's.",
