@@ -1,20 +1,15 @@
 """The demo pipeline end to end, with training cut to a few steps (the real run is `bash launch.sh demo`)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from evaluations.pixel_noise import high_frequency_ratio
-from test_scripts import ROOT
+from test_scripts import run_here
 
 
 def test_demo_quick_writes_results_grids_and_loss_curve(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "scripts/demo.py", "--quick", "True", "--log_dir", str(tmp_path)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = run_here("demo", ["--quick", "True", "--log_dir", str(tmp_path)])  # (as python runs it, one thread)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FID" in result.stdout and "class acc." in result.stdout
     results = json.loads((tmp_path / "results.json").read_text())

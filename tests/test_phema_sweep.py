@@ -2,17 +2,12 @@
 `bash launch.sh phema_sweep`)."""
 
 import json
-import os
-import subprocess
-import sys
 
-from test_scripts import ROOT
+from test_scripts import run_here
 
 
 def test_sweep_quick_writes_table_plot_and_the_fixed_ema_row(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "scripts/phema_sweep_digits.py", "--quick", "True", "--log_dir", str(tmp_path)]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = run_here("phema_sweep_digits", ["--quick", "True", "--log_dir", str(tmp_path)])  # (one thread)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["std"] for r in rows] == [0.05, 0.2, None]  # the two values, then the run's --ema_rate average

@@ -115,10 +115,10 @@ def test_loss_norm_reaches_the_denoiser():
 
 def _sample(tmp_path, name, extra, launcher=()):
     out = tmp_path / name
-    cmd = [*launcher, sys.executable, "scripts/image_sample.py", *TINY_FLAGS.split(), "--training_mode",
-           "consistency_training", "--sampler", "multistep", "--ts", "0,3,5", "--steps", "6", "--num_samples", "7",
-           "--log_dir", str(out), *extra]
-    result = run(cmd)
+    argv = [*TINY_FLAGS.split(), "--training_mode", "consistency_training", "--sampler", "multistep", "--ts", "0,3,5",
+            "--steps", "6", "--num_samples", "7", "--log_dir", str(out), *extra]
+    # one process: in this one, as python would run it (run_here); several: the launcher's processes
+    result = run([*launcher, sys.executable, "scripts/image_sample.py", *argv]) if launcher else run_here("image_sample", argv)
     assert result.returncode == 0, result.stderr[-2000:]
     return np.load(out / "samples_7x16x16x3.npz"), out
 
