@@ -23,8 +23,9 @@ from .random_util import rng_states, set_rng_states
 JVP_METHODS = ("forward", "finite_diff")
 
 
-def network_jvp(fn, x, t, dx_dt, method="forward", eps=1e-3):
-    """(fn(x, t), d fn(x, t) / dt along (dx_dt, 1)), both without gradient."""
+def network_jvp(fn, x, t, dx_dt, method="forward", eps=1e-3, value=True):
+    """(fn(x, t), d fn(x, t) / dt along (dx_dt, 1)), both without gradient; with value=False the first is None, and
+    finite differences spare the evaluation at (x, t) (forward mode computes it anyway)."""
     if method not in JVP_METHODS:
         raise ValueError(f"unknown --jvp {method!r}; choose one of {', '.join(JVP_METHODS)}")
     device = x.device
@@ -33,10 +34,13 @@ def network_jvp(fn, x, t, dx_dt, method="forward", eps=1e-3):
     with torch.no_grad(), no_autocast:
         if method == "forward":
             with sdpa_kernel(SDPBackend.MATH), input_tangents_only():
-                return torch.func.jvp(fn, (x, t), (dx_dt, torch.ones_like(t)))
-        value = fn(x, t)
-        set_rng_states(device, states)
+                primal, tangent = torch.func.jvp(fn, (x, t), (dx_dt, torch.ones_like(t)))
+            return (primal if value else None), tangent
+        primal = None
+        if value:
+            primal = fn(x, t)
+            set_rng_states(device, states)
         plus = fn(x + eps * dx_dt, t + eps)
         set_rng_states(device, states)
         minus = fn(x - eps * dx_dt, t - eps)
-        return value, (plus - minus) / (2 * eps)
+        return primal, (plus - minus) / (2 * eps)

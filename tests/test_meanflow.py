@@ -145,6 +145,9 @@ def test_the_jvp_agrees_with_finite_differences_and_a_float64_derivative(equal):
     torch.manual_seed(5)
     _, finite = network_jvp(u, z, t, v, "finite_diff", eps=1e-5)
     assert ((forward - finite).norm() / forward.norm()).item() < 1e-7
+    torch.manual_seed(5)  # MeanFlow's call: the derivative alone, two evaluations instead of three, the same numbers
+    no_value, derivative = network_jvp(u, z, t, v, "finite_diff", eps=1e-5, value=False)
+    assert no_value is None and torch.equal(derivative, finite)
     model32 = model.float()
     torch.manual_seed(5)
     _, forward32 = network_jvp(lambda zz, s: u(zz, s, model32), z.float(), t.float(), v.float(), "forward")

@@ -115,7 +115,7 @@ class MeanFlow(TrainingMethod):
             return self.flow_map.network(net, z, r, s, **cond)
 
         dropout_state = rng_states(micro.device)
-        _, du_dt = network_jvp(u, z_t, t, v, self.jvp, self.jvp_eps)
+        _, du_dt = network_jvp(u, z_t, t, v, self.jvp, self.jvp_eps, value=False)  # (the target needs no u itself)
         target = v - append_dims(t - r, v.ndim) * du_dt
         set_rng_states(micro.device, dropout_state)  # the trained pass draws the JVP's dropout mask
         u_theta = self.flow_map.network(model, z_t, r, t, **cond).to(target.dtype)
