@@ -79,6 +79,11 @@ def test_quick_benchmark_writes_sane_json(quick_result):
     for mode, low, high in (("ct", 3, 4), ("cd", 5, 6)):
         row = rows[f"train/tiny/{mode}/fp32"]
         assert low * forward * row["batch"] < row["flops_per_step"] <= high * forward * row["batch"]
+    # a JVP method puts the forward-mode JVP in place of CT's target evaluation: value and tangent, two forwards'
+    # FLOPs (PyTorch's own convolution rule would add a third, convolving with the weights' zero tangent)
+    for mode in ("sct", "meanflow"):
+        row = rows[f"train/tiny/{mode}/fp32"]
+        assert 5 * forward * row["batch"] < row["flops_per_step"] <= 5.5 * forward * row["batch"], mode
     two = rows["sample/tiny/cm/twostep/bf16+cl" if native_bf16 else "sample/tiny/cm/twostep/fp32"]
     assert two["flops_per_batch"] == 2 * forward * two["batch"]
     assert quick_result["targets"] == []  # set for the demo and ImageNet-64 configurations only
