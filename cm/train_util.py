@@ -255,13 +255,11 @@ class TrainLoop:
         self.opt = self._new_optimizer()
         self.ema = EMASet(self.ema_rate, self.precision.master_params)
         self.phema = EMASet(self.phema_std, self.precision.master_params)  # power-function EMAs (cm.phema)
-        loop_files = self.saved_files()  # (the method's first, then the loop's; the model was read above)
-        method_files = {name: loop_files.pop(name) for name in method.saved(self.method_context())}
-        if resume_path:
-            self.checkpoints.restore(resume_path, self.step, method_files)
+        if resume_path:  # the method's files first, then the loop's (the model was read above)
+            self.checkpoints.restore(resume_path, self.step, method.saved(self.method_context()))
         method.setup(self.method_context(), bool(resume_path))
         if resume_path:
-            self.checkpoints.restore(resume_path, self.step, loop_files)
+            self.checkpoints.restore(resume_path, self.step, self._loop_files())
 
     # ---- construction and resume ------------------------------------------------------------
 
@@ -282,7 +280,11 @@ class TrainLoop:
     def saved_files(self):
         """{NAME: cm.checkpoints.Saved}: every file of a checkpoint (NAMENNNNNN.pt) declared once, the method's
         first, the model last (written last: a model file present means its checkpoint is complete)."""
-        files = dict(self.method.saved(self.method_context()))
+        return {**self.method.saved(self.method_context()), **self._loop_files()}
+
+    def _loop_files(self):
+        """The loop's own files of a checkpoint: the averages, the optimizer, the training state, the model last."""
+        files = {}
         for rate, params in zip(self.ema_rate, self.ema.params):
             files[f"ema_{rate}_"] = self._saved_average(f"ema_{rate}_", params, partial(self.params_state_dict, params))
         for std, params in zip(self.phema_std, self.phema.params):
@@ -398,7 +400,7 @@ class TrainLoop:
             elif took and self._phema_snapshot_due():
                 self._check_before_saving()
                 # (a snapshot between checkpoints: the power-function EMA files alone)
-                self.checkpoints.save_files(self.step, {n: f for n, f in self.saved_files().items() if n.startswith("phema_")})
+                self.checkpoints.save_files(self.step, {n: f for n, f in self._loop_files().items() if n.startswith("phema_")})
         bar.close()
         if last_saved != self.step:
             self.save()
