@@ -61,9 +61,9 @@ class FlowMapSigmaView:
     """A flow map seen in EDM's variables: denoise(model, x_sigma, sigma) = the jump to r = 0 from z_t = (1 - t) x_sigma
     at t = sigma / (1 + sigma)."""
 
-    def __init__(self, flow_map, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    def __init__(self, flow_map, rho=7.0):
         self.flow_map = flow_map
-        self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho  # (the Karras grid the loops index)
+        self.rho = rho  # (of the Karras grid the loops index)
 
     def denoise(self, model, x_sigma, sigma, **model_kwargs):
         t = t_of_sigma(sigma)

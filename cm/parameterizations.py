@@ -92,18 +92,30 @@ class KarrasSigma(Parameterization):
                              sampler=sampler, generator=generator, ts=ts, **sample_kwargs)
 
 
-class TrigFlow(Parameterization):
-    name = "trigflow"
-    description = "an sCM TrigFlow model F(x, t), sampled with onestep or multistep"
+class JumpsInTime(Parameterization):
+    """Models sampled in one step from the largest time, and with --sampler multistep once more at each time of
+    --t_mid (decreasing, in (0, t_end); empty: t_mid_default) by `sampler`."""
+
     samplers = ("onestep", "multistep")
-    stored_flags = ("time_input",)
+    t_end, t_interval, t_mid_default = None, "", ()
+    sampler = None  # staticmethod(f): f(denoiser, model, shape, generator, ts=, model_kwargs=, device=, clip_denoised=)
 
     def sampler_steps(self, args):
-        """sCM's intermediate times of --sampler multistep (--t_mid, decreasing, in (0, pi/2); empty: the paper's
-        ImageNet-64 two-step, 1.1); () for one step."""
         if args.sampler != "multistep":
             return super().sampler_steps(args)
-        return {"ts": None, "t_mid": parse_times(args.t_mid, math.pi / 2, "(0, pi/2)") or (1.1,)}
+        return {"ts": None, "t_mid": parse_times(args.t_mid, self.t_end, self.t_interval) or self.t_mid_default}
+
+    def sample(self, denoiser, model, shape, generator, *, sampler, steps, ts, t_mid, model_kwargs, device, **sample_kwargs):
+        return self.sampler(denoiser, model, shape, generator, ts=t_mid, model_kwargs=model_kwargs, device=device,
+                            clip_denoised=sample_kwargs["clip_denoised"])
+
+
+class TrigFlow(JumpsInTime):
+    name = "trigflow"
+    description = "an sCM TrigFlow model F(x, t), sampled with onestep or multistep"
+    stored_flags = ("time_input",)
+    t_end, t_interval, t_mid_default = math.pi / 2, "(0, pi/2)", (1.1,)  # (the paper's ImageNet-64 two-step: 1.1)
+    sampler = staticmethod(sample_trigflow)
 
     def sampling_denoiser(self, diffusion, args):
         # f = cos(t) x - sin(t) sigma_d F, from the network's own sigma_data, sigma_max and c_noise
@@ -112,31 +124,18 @@ class TrigFlow(Parameterization):
     def editing_denoiser(self, denoiser, args):
         return SigmaView(denoiser, args.sigma_min)  # (rho 7, the grid of --ts)
 
-    def sample(self, denoiser, model, shape, generator, *, sampler, steps, ts, t_mid, model_kwargs, device, **sample_kwargs):
-        return sample_trigflow(denoiser, model, shape, generator, ts=t_mid, model_kwargs=model_kwargs, device=device,
-                               clip_denoised=sample_kwargs["clip_denoised"])
 
-
-class LinearFlowMap(Parameterization):
+class LinearFlowMap(JumpsInTime):
     name = "flow_map"
     description = "a flow map u(z_t, r, t) on the linear path z_t = (1 - t) x + t e, sampled with onestep or multistep"
-    samplers = ("onestep", "multistep")
-
-    def sampler_steps(self, args):
-        """The intermediate flow times of --sampler multistep (--t_mid, decreasing, in (0, 1); 0.5 when not given)."""
-        if args.sampler != "multistep":
-            return super().sampler_steps(args)
-        return {"ts": None, "t_mid": parse_times(args.t_mid, 1.0, "(0, 1)") or (0.5,)}
+    t_end, t_interval, t_mid_default = 1.0, "(0, 1)", (0.5,)  # (ours: one jump to the middle of the path)
+    sampler = staticmethod(sample_flow_map)
 
     def sampling_denoiser(self, diffusion, args):
         return FlowMap()
 
     def editing_denoiser(self, denoiser, args):
-        return FlowMapSigmaView(denoiser, args.sigma_min, args.sigma_max)
-
-    def sample(self, denoiser, model, shape, generator, *, sampler, steps, ts, t_mid, model_kwargs, device, **sample_kwargs):
-        return sample_flow_map(denoiser, model, shape, generator, ts=t_mid, model_kwargs=model_kwargs, device=device,
-                               clip_denoised=sample_kwargs["clip_denoised"])
+        return FlowMapSigmaView(denoiser)  # (rho 7, the grid of --ts)
 
 
 DENOISER = KarrasSigma("denoiser", "an EDM-style denoiser D(x, sigma), sampled with heun, euler, dpm, ancestral or progdist",
