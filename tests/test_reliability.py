@@ -92,6 +92,9 @@ def test_temporaries_of_other_processes_are_removed(tmp_path):
     ("--attention_resolutions 3", "--attention_resolutions 3: a 16x16 network with 2 levels (--channel_mult) has the "
      "resolutions 16,8"),
     ("--training_mode continuous_consistency_training --precision fp16", "fp16 is refused"),  # (known once resolved)
+    ("--training_mode meanflow --meanflow_norm_c 0", "--meanflow_norm_c must be positive, got 0.0"),
+    ("--training_mode meanflow --meanflow_cfg_t_min 0.8 --meanflow_cfg_t_max 0.2", "must satisfy 0 <= t_min <= t_max <= 1"),
+    ("--training_mode meanflow --time_inputs 1", "pass --time_inputs 2"),
 ])
 def test_nonsense_training_flags_are_refused_before_the_folder_is_touched(extra, message, tmp_path, monkeypatch, capsys):
     result = cm_train(tmp_path / "run", monkeypatch, capsys, extra)

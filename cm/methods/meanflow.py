@@ -55,8 +55,18 @@ class MeanFlow(TrainingMethod):
             raise ValueError(f"--training_mode {cls.name} conditions the network on two times (t, t - r): pass "
                              f"--time_inputs 2, got {getattr(args, 'time_inputs', 1)}")
         check_jvp_flags(cls.name, args)
-        if not 0 <= args.meanflow_ratio <= 1:
-            raise ValueError(f"--meanflow_ratio must lie in [0, 1], got {args.meanflow_ratio}")
+        for flag, valid, words in (
+            ("meanflow_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+            ("meanflow_p_std", lambda v: v > 0, "positive"),
+            ("meanflow_norm_p", lambda v: v >= 0, "0 or positive"),
+            ("meanflow_norm_c", lambda v: v > 0, "positive"),
+            ("meanflow_class_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ):
+            if not valid(getattr(args, flag)):
+                raise ValueError(f"--{flag} must be {words}, got {getattr(args, flag)}")
+        if not 0 <= args.meanflow_cfg_t_min <= args.meanflow_cfg_t_max <= 1:
+            raise ValueError("--meanflow_cfg_t_min and --meanflow_cfg_t_max must satisfy 0 <= t_min <= t_max <= 1, got "
+                             f"{args.meanflow_cfg_t_min} and {args.meanflow_cfg_t_max}")
         if cls.guided(args) and not (args.class_cond and getattr(args, "null_class", False)):
             raise ValueError(f"--training_mode {cls.name} with guidance (--meanflow_class_dropout, --meanflow_cfg_omega "
                              "or --meanflow_cfg_kappa) needs a class-conditional network with a null class: pass "
