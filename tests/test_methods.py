@@ -234,3 +234,37 @@ def test_every_method_saves_what_it_needs_to_resume(name, tmp_path):
     CheckpointIO(str(tmp_path)).restore(str(tmp_path / "model000001.pt"), 1, fresh.saved(context(fresh_model, 1)))
     fresh.setup(context(fresh_model, 1), True)
     assert one_step_of(fresh, fresh_model, context(fresh_model, 1), batch, cond, 1) == expected
+
+
+@pytest.mark.parametrize("name", ["consistency_training", "improved_consistency_training", "easy_consistency_tuning",
+                                  "continuous_consistency_training"])
+def test_level_rows_give_the_rows_a_draw_makes_at_its_online_level(name):
+    """draw_noise and level_rows, the hooks a wrapper redraws the noise levels with: the rows a method's own draw makes
+    are the rows of the online noise level they evaluate (CT's grid index back from its sigma, exactly)."""
+    from cm.config import parse_args_with_config
+    from cm.schedule import index_to_sigma, lognormal_sigmas
+    from cm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+    from cm.train_util import StepRandom
+
+    argv = shlex.split(TRAIN + f" --training_mode {name} --start_scales 9 --end_scales 40 --total_training_steps 600"
+                       + (" --teacher_model_path x" if methods.method_class(name).needs_teacher else ""))
+    args = parse_args_with_config(load_script("cm_train").create_argparser(), argv, "cm_train.py",
+                                  mode_defaults=methods.mode_flag_defaults())
+    _, diffusion = create_model_and_diffusion(**{k: getattr(args, k) for k in model_and_diffusion_defaults()})
+    method = methods.method_class(name)(args, diffusion)
+    batch = torch.zeros(64, 3, 8, 8)
+    for step in (0, 250, 599):
+        rows = method.draw(StepRandom(3, step, 0, 1, 64, batch.device), batch, step)
+        rand = StepRandom(3, step, 0, 1, 64, batch.device)
+        assert torch.equal(method.draw_noise(rand, batch), rows["noise"])
+        if "indices" in rows:
+            num_scales = method.ema_scale_fn(step)[1]
+            d = diffusion
+            sigma = index_to_sigma(rows["indices"].double(), num_scales, d.sigma_min, d.sigma_max, d.rho)
+            assert rows["indices"].unique().numel() > 1
+        else:
+            sigma = lognormal_sigmas(rand.randn(), args.p_mean, args.p_std)
+        again = method.level_rows(sigma, step)
+        assert again.keys() == rows.keys() - {"noise"}
+        for key, value in again.items():
+            assert torch.equal(value, rows[key]), key

@@ -65,7 +65,12 @@ def start_from_teacher(model, build_teacher):
 
 class TrainingMethod:
     """The interface, with the defaults most methods keep. Subclasses set the class attributes and
-    implement draw() and losses(); see cm/methods/edm.py for the smallest one."""
+    implement draw() and losses(); see cm/methods/edm.py for the smallest one.
+
+    A method that evaluates its online network at one noise level per sample may also offer the hooks a wrapper
+    redraws those levels with (the consistency methods do): draw_noise(rand, batch), the noise its draw() takes
+    first; level_rows(sigma, step), the rows its draw() makes for the online EDM noise levels sigma; and, where its
+    loss reads no target network (sCM), denoised(model, micro, rows, cond), the clean-image estimate at the rows."""
 
     name = ""  # its --training_mode
     parameterization = CONSISTENCY  # what its models are sampled as (cm.parameterizations)

@@ -2,8 +2,10 @@
 improved consistency training (iCT, Song & Dhariwal 2023): CT on noise-level pairs drawn from a
 discretised lognormal, with iCT's weighting, distance and curriculum as flag defaults."""
 
+import torch
+
 from ..losses import consistency_loss
-from ..schedule import inverse_cdf_indices, lognormal_index_probabilities
+from ..schedule import index_to_sigma, inverse_cdf_indices, lognormal_index_probabilities
 from .base import LOGNORMAL_FLAGS
 from .target import TargetNetworkMethod
 
@@ -15,15 +17,28 @@ class ConsistencyTraining(TargetNetworkMethod):
         super().__init__(args, diffusion)
         self.teacher_solver = args.teacher_solver
 
+    def draw_noise(self, rand, batch):
+        return rand.randn(*batch.shape[1:])
+
     def draw(self, rand, batch, step):
-        noise = rand.randn(*batch.shape[1:])
+        noise = self.draw_noise(rand, batch)
         _, num_scales = self.ema_scale_fn(step)
         return {"noise": noise, "indices": rand.randint(0, num_scales - 1)}  # n in 0..N-2: pairs (t_n, t_{n+1})
+
+    def level_rows(self, sigma, step):
+        """The pair (t_n, t_{n+1}) whose online level t_n is the smallest of the grid's t_0..t_{N-2} at or above
+        sigma (t_0 = sigma_max above it): a law over sigma put on the grid as iCT puts the lognormal's mass."""
+        _, num_scales = self.ema_scale_fn(step)
+        d = self.diffusion
+        levels = index_to_sigma(torch.arange(num_scales - 1, dtype=torch.float64, device=sigma.device), num_scales,
+                                d.sigma_min, d.sigma_max, d.rho)
+        above = (levels[None, :] >= sigma.double()[:, None]).sum(1)
+        return {"indices": (above - 1).clamp(min=0)}
 
     def losses(self, model, micro, cond, rows, step):
         _, num_scales = self.ema_scale_fn(step)
         return consistency_loss(
-            self.diffusion, model, micro, num_scales, cond, self.target_model, self.teacher_model,
+            self.diffusion, model, micro, num_scales, cond, self.target(), self.teacher_model,
             self.teacher_diffusion, rows["noise"], rows["indices"], self.teacher_solver,
             self.diffusion.lpips_network(micro.device),
         )
@@ -51,7 +66,7 @@ class ImprovedConsistencyTraining(ConsistencyTraining):
 
     def draw(self, rand, batch, step):
         # the pair (t_n, t_{n+1}) drawn from the lognormal's mass between them, by inverse CDF
-        noise = rand.randn(*batch.shape[1:])
+        noise = self.draw_noise(rand, batch)
         _, num_scales = self.ema_scale_fn(step)
         d = self.diffusion
         probs = lognormal_index_probabilities(num_scales, d.sigma_min, d.sigma_max, d.rho, self.p_mean, self.p_std)

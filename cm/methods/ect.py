@@ -36,15 +36,20 @@ class EasyConsistencyTuning(TargetNetworkMethod):
         self.p_mean, self.p_std = args.p_mean, args.p_std
         self.q, self.k, self.b, self.stage_steps = args.ect_q, args.ect_k, args.ect_b, args.ect_stage_steps
 
+    def draw_noise(self, rand, batch):
+        return rand.randn(*batch.shape[1:])
+
     def draw(self, rand, batch, step):
-        noise = rand.randn(*batch.shape[1:])
-        t = lognormal_sigmas(rand.randn(), self.p_mean, self.p_std)
-        r = ect_r(t, ect_stage(step, self.stage_steps), self.q, self.k, self.b)
-        return {"noise": noise, "t": t, "r": r}
+        noise = self.draw_noise(rand, batch)
+        return {"noise": noise, **self.level_rows(lognormal_sigmas(rand.randn(), self.p_mean, self.p_std), step)}
+
+    def level_rows(self, sigma, step):
+        """The online level t = sigma and its target's r(t) of this step's stage."""
+        return {"t": sigma, "r": ect_r(sigma, ect_stage(step, self.stage_steps), self.q, self.k, self.b)}
 
     def losses(self, model, micro, cond, rows, step):
         return ect_loss(
-            self.diffusion, model, micro, rows["t"], rows["r"], cond, self.target_model, rows["noise"],
+            self.diffusion, model, micro, rows["t"], rows["r"], cond, self.target(), rows["noise"],
             self.diffusion.lpips_network(micro.device),
         )
 

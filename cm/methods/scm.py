@@ -25,7 +25,7 @@ from ..nn import append_dims, mean_flat, timestep_embedding
 from ..parameterizations import TRIGFLOW
 from ..random_util import rng_states, set_rng_states
 from ..jvp import network_jvp
-from ..trigflow import TrigFlowDenoiser, diffuse, lognormal_t, sigma_of_t
+from ..trigflow import TrigFlowDenoiser, diffuse, lognormal_t, sigma_of_t, t_of_sigma
 from .base import JVP_FLAGS, LOGNORMAL_FLAGS, TrainingMethod, check_jvp_flags, start_from_teacher
 
 WEIGHTINGS = ("adaptive", "prior")
@@ -104,10 +104,22 @@ class ContinuousConsistencyTraining(TrainingMethod):
     def tangent_r(self, step):
         return min(1.0, step / self.warmup_steps) if self.warmup_steps > 0 else 1.0
 
+    def draw_noise(self, rand, batch):
+        return rand.randn(*batch.shape[1:]) * self.trigflow.sigma_data
+
     def draw(self, rand, batch, step):
-        z = rand.randn(*batch.shape[1:]) * self.trigflow.sigma_data
+        z = self.draw_noise(rand, batch)
         t = lognormal_t(rand.randn(), self.p_mean, self.p_std, self.trigflow.sigma_data, self.sigma_bounds)
         return {"noise": z, "t": t}
+
+    def level_rows(self, sigma, step):
+        """The TrigFlow time of EDM noise level sigma."""
+        return {"t": t_of_sigma(sigma, self.trigflow.sigma_data)}
+
+    def denoised(self, model, micro, rows, cond):
+        """The model's clean-image estimate f(x_t, t) = cos(t) x_t - sin(t) sigma_d F at the rows' x_t and t."""
+        t = rows["t"].to(micro.dtype)
+        return self.trigflow.denoise(model, diffuse(micro, rows["noise"], t), t, **cond)[1]
 
     def dx_dt(self, x_t, x0, z, t, cond):
         """sCT: the exact dx_t/dt of this sample's trajectory, cos(t) z - sin(t) x_0."""

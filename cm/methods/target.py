@@ -65,6 +65,11 @@ class TargetNetworkMethod(TrainingMethod):
             self.teacher_model.eval()
         apply_fast_paths([self.target_model, self.teacher_model], **ctx.fast_paths)
 
+    def target(self):
+        """The network the loss reads its targets f^- from: the target network (a subclass may answer some
+        noise levels with another network, as truncated training does below its transition time)."""
+        return self.target_model
+
     def averages(self, step):
         target_ema, _ = self.ema_scale_fn(step)
         return [(self.target_master, target_ema)]
