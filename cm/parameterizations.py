@@ -5,7 +5,7 @@ names of time variables.
 - `denoiser`: EDM's noise level sigma and a denoiser D(x, sigma) without the boundary scalings (cm.denoiser);
   sampled by integrating its ODE or SDE (heun, euler, dpm, ancestral) or progressive distillation's sampler.
 - `consistency`: sigma with the consistency boundary scalings, f(x, sigma_min) = x (CM paper, eq. 3); one step,
-  or multistep on the Karras grid at --ts (CM paper, Algorithm 1).
+  or multistep on the Karras grid at --ts (CM paper, Algorithm 1), or through the noise levels --t_mid.
 - `trigflow`: TrigFlow time t (cm.trigflow; sCM, Lu & Song 2025); one step, or multistep at the times --t_mid.
 - `flow_map`: the linear flow path z_t = (1 - t) x + t e and a flow map u(z_t, r, t) (cm.flowmap; Mean Flows); one
   jump from t = 1 to 0, or jumps through the times --t_mid (0.5 when not given: ours, one jump to the middle).
@@ -83,13 +83,17 @@ class KarrasSigma(Parameterization):
     def sampler_steps(self, args):
         if args.sampler != "multistep":
             return super().sampler_steps(args)
+        if args.t_mid:  # the noise levels themselves (TCM's and ECT's two steps go through a sigma, not a grid index)
+            if args.ts:
+                raise ValueError("pass --ts (grid indices) or --t_mid (noise levels), not both")
+            return {"ts": None, "t_mid": parse_times(args.t_mid, args.sigma_max, f"(0, sigma_max = {args.sigma_max})")}
         ts = parse_int_list(args.ts, "ts")
         check_grid_indices(ts, args.steps)
         return {"ts": ts, "t_mid": ()}
 
     def sample(self, denoiser, model, shape, generator, *, sampler, steps, ts, t_mid, model_kwargs, device, **sample_kwargs):
         return karras_sample(denoiser, model, shape, steps=steps, model_kwargs=model_kwargs, device=device,
-                             sampler=sampler, generator=generator, ts=ts, **sample_kwargs)
+                             sampler=sampler, generator=generator, ts=ts, t_mid=t_mid, **sample_kwargs)
 
 
 class JumpsInTime(Parameterization):

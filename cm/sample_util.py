@@ -61,7 +61,7 @@ def sampling_argparser(description, **script_defaults):
         precision="auto",  # auto | fp32 | bf16 | fp16 of the torso; auto: bf16 where the device runs it natively
         time_input="edm",  # sCM models' time input: edm (the EDM network's c_noise(sigma_d tan t)) | identity (t; sCT)
         t_mid="",  # multistep of sCM and flow maps: the intermediate times, decreasing; empty: TrigFlow 1.1 (sCM's
-        # ImageNet-64 two-step), flow map 0.5
+        # ImageNet-64 two-step), flow map 0.5; of consistency models: noise levels in place of --ts (TCM's 1.0)
     )
     defaults.update(model_and_diffusion_defaults())
     defaults.update(script_defaults)

@@ -150,27 +150,31 @@ def multistep_consistency_loop(
     project=None,
     progress=False,
     callback=None,
+    levels=None,
 ):
     """CM paper Algorithm 1 (multistep consistency sampling) over the index list `ts` of a
-    `steps`-point Karras grid; also the loop of Algorithm 4 (zero-shot editing), where
-    `project(x0)` replaces the known part of each clean estimate.
+    `steps`-point Karras grid (or over the noise levels `levels` themselves, decreasing, the last one only
+    the final noise); also the loop of Algorithm 4 (zero-shot editing), where `project(x0)` replaces the
+    known part of each clean estimate.
 
     Each step: x0 = f(x, t_i); optionally x0 = project(x0);
     x = x0 + sqrt(t_{i+1}^2 - t_min^2) * z. The last index's t only sets the final noise level.
     """
-    if ts is None or len(ts) < 2:
-        raise ValueError("multistep sampling needs --ts with at least two indices, e.g. --ts 0,22,39")
-    if any(not 0 <= t <= steps - 1 for t in ts):
-        raise ValueError(f"--ts indices must lie in 0..{steps - 1} (steps={steps}), got {list(ts)}")
+    if levels is None:
+        if ts is None or len(ts) < 2:
+            raise ValueError("multistep sampling needs --ts with at least two indices, e.g. --ts 0,22,39")
+        if any(not 0 <= t <= steps - 1 for t in ts):
+            raise ValueError(f"--ts indices must lie in 0..{steps - 1} (steps={steps}), got {list(ts)}")
+        levels = [index_to_sigma(t, steps, t_min, t_max, rho) for t in ts]
     if generator is None:
         generator = get_generator("dummy")
     s_in = x.new_ones([x.shape[0]])
-    for i in _steps(len(ts) - 1, progress, "multistep"):
-        t = index_to_sigma(ts[i], steps, t_min, t_max, rho)
+    for i in _steps(len(levels) - 1, progress, "multistep"):
+        t = levels[i]
         x0 = distiller(x, t * s_in)
         if project is not None:
             x0 = project(x0)
-        next_t = np.clip(index_to_sigma(ts[i + 1], steps, t_min, t_max, rho), t_min, t_max)
+        next_t = np.clip(levels[i + 1], t_min, t_max)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": t, "denoised": x0})
         x = x0 + generator.randn_like(x) * np.sqrt(next_t**2 - t_min**2)
@@ -190,10 +194,12 @@ def stochastic_iterative_sampler(
     t_max=80.0,
     rho=7.0,
     steps=40,
+    levels=None,
 ):
-    """Multistep consistency sampling (CM paper, Algorithm 1) at the grid indices `ts`."""
+    """Multistep consistency sampling (CM paper, Algorithm 1) at the grid indices `ts` (or the noise levels
+    `levels`)."""
     return multistep_consistency_loop(
-        distiller, x, ts, generator, t_min, t_max, rho, steps, progress=progress, callback=callback
+        distiller, x, ts, generator, t_min, t_max, rho, steps, progress=progress, callback=callback, levels=levels
     )
 
 
@@ -235,9 +241,11 @@ def karras_sample(
     s_noise=1.0,
     generator=None,
     ts=None,
+    t_mid=(),
 ):
     """Draw x_T = sigma_max * z from `generator` and run `sampler` with `diffusion`'s preconditioned
-    `model`; returns samples clamped to [-1, 1]."""
+    `model`; returns samples clamped to [-1, 1]. Multistep goes through the grid indices `ts`, or (given) the
+    noise levels `t_mid` between sigma_max and sigma_min."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if generator is None:
@@ -255,7 +263,8 @@ def karras_sample(
         sampler_args = dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
     elif sampler == "multistep":
         # the consistency grid uses the diffusion's rho, as published
-        sampler_args = dict(ts=ts, t_min=sigma_min, t_max=sigma_max, rho=diffusion.rho, steps=steps)
+        sampler_args = dict(ts=ts, t_min=sigma_min, t_max=sigma_max, rho=diffusion.rho, steps=steps,
+                            levels=(sigma_max, *t_mid, sigma_min) if t_mid else None)
     else:
         sampler_args = {}
 

@@ -136,3 +136,30 @@ def test_multistep_without_ts_is_a_clear_error(tiny_model_and_diffusion):
         )
     with pytest.raises(ValueError, match="unknown sampler"):
         karras_sample(diffusion, model, (1, 3, 16, 16), steps=4, sampler="bogus")
+
+
+def test_consistency_multistep_through_noise_levels_equals_the_grid_indices_at_them(tiny_model_and_diffusion):
+    """--t_mid for consistency models (TCM's two steps go through a noise level): the levels of --ts 0,2,3 on the
+    4-point grid, given as numbers, sample the same images (to rounding: the grid's ends are sigma_max and sigma_min
+    only to it); the flags are checked in one line each."""
+    from argparse import Namespace
+
+    from cm.parameterizations import CONSISTENCY
+    from cm.schedule import index_to_sigma
+
+    model, diffusion = tiny_model_and_diffusion
+    middle = index_to_sigma(2, 4, diffusion.sigma_min, diffusion.sigma_max, diffusion.rho)
+
+    def sample(ts, t_mid):
+        args = Namespace(sampler="multistep", ts=ts, t_mid=t_mid, steps=4, sigma_max=diffusion.sigma_max)
+        steps = CONSISTENCY.sampler_steps(args)
+        return CONSISTENCY.sample(diffusion, model, (2, 3, 16, 16), get_generator("determ", 2, seed=5), sampler="multistep",
+                                  steps=4, model_kwargs={"y": torch.tensor([1, 4])}, device="cpu", clip_denoised=True,
+                                  **steps)
+
+    by_index = sample("0,2,3", "")
+    assert torch.allclose(sample("", repr(middle)), by_index, atol=1e-5)
+    assert not torch.allclose(sample("", repr(middle * 2)), by_index, atol=1e-2)
+    for ts, t_mid, words in (("0,2,3", "1.0", "not both"), ("", "100", "sigma_max"), ("", "1,2", "decreasing")):
+        with pytest.raises(ValueError, match=words):
+            sample(ts, t_mid)
