@@ -191,8 +191,9 @@ def test_every_method_saves_what_it_needs_to_resume(name, tmp_path):
 
     cls = methods.method_class(name)
     argv = shlex.split(TRAIN + f" --training_mode {name} --loss_norm l2 --start_ema 0.5 --start_scales 4 --end_scales 4 "
-                       "--tangent_warmup_steps 2 --distill_steps_per_iter 100 --huber_c 0.01"
-                       + (" --teacher_model_path built_below" if cls.needs_teacher else ""))
+                       "--tangent_warmup_steps 2 --distill_steps_per_iter 100 --huber_c 0.01 --tcm_boundary_share 0.5"
+                       + (" --teacher_model_path built_below" if cls.needs_teacher else "")
+                       + (f" --tcm_stage1 {tmp_path / 'stage1.pt'}" if name.startswith("truncated_") else ""))
     args = parse_args_with_config(load_script("cm_train").create_argparser(), argv, "cm_train.py",
                                   mode_defaults=methods.mode_flag_defaults())
     kwargs = {k: getattr(args, k) for k in model_and_diffusion_defaults()}
@@ -216,6 +217,7 @@ def test_every_method_saves_what_it_needs_to_resume(name, tmp_path):
 
     gen = torch.Generator().manual_seed(0)
     batch, cond = torch.rand(4, 3, 16, 16, generator=gen) * 2 - 1, {"y": torch.tensor([0, 3, 5, 9])}
+    torch.save(build(9)[0].state_dict(), tmp_path / "stage1.pt")  # (TCM's stage 2 starts from it)
     model, diffusion = build(1)
     method = started(model, diffusion)
     method.setup(context(model, 0), False)

@@ -13,6 +13,7 @@ from .edm import EDM
 from .meanflow import MeanFlow
 from .progdist import ProgressiveDistillation
 from .scm import ContinuousConsistencyDistillation, ContinuousConsistencyTraining
+from .tcm import truncated
 
 METHODS = {}
 
@@ -42,6 +43,8 @@ for _cls in (
     ContinuousConsistencyTraining,
     ContinuousConsistencyDistillation,
     MeanFlow,
+    *map(truncated, (ConsistencyTraining, ImprovedConsistencyTraining, ConsistencyDistillation, EasyConsistencyTuning,
+                     ContinuousConsistencyTraining, ContinuousConsistencyDistillation)),
 ):
     register(_cls)
 
