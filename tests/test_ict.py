@@ -147,6 +147,13 @@ def test_ect_mapping_against_the_published_formula():
     assert ect_r(t, 0, 2.0, 8.0, 1.0)[:3].eq(0).all()
     later = ect_r(t, 6, 2.0, 8.0, 1.0)
     assert (later > 0).all() and (later < t).all()
+    # NVlabs/TCM's --ratio_limit: the ratio 1 - 1 / q^(stage + 1) capped (the published delta_sigmoid), from the stage
+    # it is reached on (q 2, limit 0.999: stage 9) without overflow however late
+    for stage, limit in [(3, 0.999), (9, 0.999), (5000, 0.999), (2, 0.9961)]:
+        ratio = min(1 - 1 / 2.0 ** (stage + 1), limit) if stage < 1000 else limit
+        want = [max(v - v * (1 - ratio) * (1 + 8 / (1 + math.exp(v))), 0.0) for v in t.tolist()]
+        torch.testing.assert_close(ect_r(t, stage, 2.0, 8.0, 1.0, limit), torch.tensor(want, dtype=torch.float64))
+    assert torch.equal(ect_r(t, 3, 2.0, 8.0, 1.0, 0.999), ect_r(t, 3, 2.0, 8.0, 1.0))  # below the cap: unchanged
 
 
 @pytest.mark.parametrize("weight_schedule", ["inverse-step", "karras"])

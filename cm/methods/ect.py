@@ -20,6 +20,7 @@ class EasyConsistencyTuning(TargetNetworkMethod):
         ect_k=(8.0, "n(t) = 1 + k sigmoid(-b t): k (0: the constant mapping)"),
         ect_b=(1.0, "n(t)'s b"),
         ect_stage_steps=(25000, "d: a stage lasts this many steps (published CIFAR-10: 25k at batch 128)"),
+        ect_ratio_limit=(1.0, "cap of the ratio 1 - 1 / q^(stage + 1) (1: none, as the ECT paper; NVlabs/TCM: 0.999)"),
     )
     flag_defaults = dict(
         target_ema_mode="fixed", start_ema=0.0, loss_norm="pseudo-huber", huber_c=0.0, weight_schedule="inverse-step",
@@ -30,11 +31,14 @@ class EasyConsistencyTuning(TargetNetworkMethod):
         super().check_flags(args)
         if not (args.ect_q > 1 and args.ect_stage_steps >= 1):
             raise ValueError(f"ECT needs --ect_q > 1 and --ect_stage_steps >= 1, got {args.ect_q} and {args.ect_stage_steps}")
+        if not 0 < args.ect_ratio_limit <= 1:
+            raise ValueError(f"--ect_ratio_limit must lie in (0, 1], got {args.ect_ratio_limit}")
 
     def __init__(self, args, diffusion):
         super().__init__(args, diffusion)
         self.p_mean, self.p_std = args.p_mean, args.p_std
         self.q, self.k, self.b, self.stage_steps = args.ect_q, args.ect_k, args.ect_b, args.ect_stage_steps
+        self.ratio_limit = args.ect_ratio_limit
 
     def draw_noise(self, rand, batch):
         return rand.randn(*batch.shape[1:])
@@ -45,7 +49,8 @@ class EasyConsistencyTuning(TargetNetworkMethod):
 
     def level_rows(self, sigma, step):
         """The online level t = sigma and its target's r(t) of this step's stage."""
-        return {"t": sigma, "r": ect_r(sigma, ect_stage(step, self.stage_steps), self.q, self.k, self.b)}
+        stage = ect_stage(step, self.stage_steps)
+        return {"t": sigma, "r": ect_r(sigma, stage, self.q, self.k, self.b, self.ratio_limit)}
 
     def losses(self, model, micro, cond, rows, step):
         return ect_loss(
