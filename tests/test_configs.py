@@ -129,7 +129,8 @@ def test_a_preset_takes_its_base_flags_under_its_own(tmp_path):
 
 
 def test_the_scm_recipes_name_the_source_of_every_value():
-    for name in ("scd_imagenet64", "sct_cifar10_32", "sample_scd_imagenet64_twostep", "sample_sct_cifar10_32_twostep"):
+    for name in ("scd_imagenet64", "sct_cifar10_32", "sample_scd_imagenet64_twostep", "sample_sct_cifar10_32_twostep",
+                 "tcm_cifar10_32", "tcm_imagenet64", "sample_tcm_cifar10_32_onestep", "sample_tcm_cifar10_32_twostep"):
         with open(os.path.join(ROOT, "configs", f"{name}.json")) as f:
             preset = json.load(f)
         assert set(preset["sources"]) == set(preset["flags"]), name
