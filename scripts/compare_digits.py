@@ -1,5 +1,6 @@
-"""CT, iCT, sCT, MeanFlow, and ECT, CD, sCD from one EDM teacher, compared on the embedded digits on a CPU, on one
-network (base/digits_compare): at equal training steps and at equal wall-clock, the teacher's time counted.
+"""CT, iCT, sCT, MeanFlow, ECT, CD, sCD from one EDM teacher, and TCM's stage 2 from the CT, iCT and sCT runs, compared
+on the embedded digits on a CPU, on one network (base/digits_compare): at equal training steps and at equal
+wall-clock, the teacher's time and both of TCM's stages counted.
 
   bash launch.sh compare        (or: python scripts/compare_digits.py [--log_dir runs/compare] [--quick True])
 
@@ -11,8 +12,13 @@ network (base/digits_compare): at equal training steps and at equal wall-clock, 
    per step, so CT's price is theirs). CT and iCT keep their runs of 2; sCT, CD, sCD and MeanFlow, whose schedules
    do not depend on the run's length, take the checkpoint of their run of 2 at the budget's step (saved
    every SAVE_EVERY steps; it is the shorter run exactly); ECT trains anew with its stage length fitted.
+   TCM (CT), TCM (iCT), TCM (sCT): stage 1 is the checkpoint of that method's run at 5/7 of its steps (equal steps:
+   1000 of 1400; equal wall-clock: of its equal-time steps), stage 2 (cm/methods/tcm.py, the paper's CIFAR-10
+   settings at half the stage-1 lr, its curriculum frozen where stage 1 stopped) the rest: 400 steps, or the seconds
+   left at its measured price per step.
 4. Samples every model one-step and two-step (presets compare_sample_*: ts 0,10,20 of 21 for the Karras
-   models, t_mid 1.1 for the TrigFlow ones, a jump through t = 0.5 for the flow map) and the teacher with Heun
+   models, t_mid 1.1 for the TrigFlow ones, a jump through t = 0.5 for the flow map; TCM's through t' = 1) and the
+   teacher with Heun
    (18 steps, 35 evaluations) for reference, and evaluates them against the real digits with the digits feature extractor: FID,
    precision, recall, class accuracy.
 
@@ -23,6 +29,7 @@ log-weight against steps) and each run's samples_grid.png. Every stage resumes i
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -40,7 +47,8 @@ from cm.precision import cpu_model_name
 from cm.image_io import save_grid
 from cm.plots import curves_png
 from cm.cli import run_cli, str2bool
-from cm.checkpoints import MODEL_FILE, parse_resume_step_from_filename
+from cm.checkpoints import MODEL_FILE, checkpoint_config, parse_resume_step_from_filename
+from cm.methods.target import TargetNetworkMethod
 from evaluations.evaluator import evaluate
 
 # preset; needs the EDM teacher; its equal-wall-clock run: "ct" (CT itself, the budget), "ct_work" (CT's work
@@ -53,7 +61,17 @@ METHODS = {
     "CD": ("compare_cd", True, "prefix"),
     "sCD": ("compare_scd", True, "prefix"),
     "MeanFlow": ("compare_meanflow", False, "prefix"),
+    "TCM (CT)": ("demo_ct", False, "tcm"),
+    "TCM (iCT)": ("demo_ict", False, "tcm"),
+    "TCM (sCT)": ("compare_sct", False, "tcm"),
 }
+# TCM's stage 2 (cm/methods/tcm.py) from the checkpoint of its stage-1 method's run at TCM_STAGE1_SHARE of its steps,
+# trained for the rest, so that both stages together take the steps (or the seconds) of the others; the paper's
+# CIFAR-10 stage-2 settings (NVlabs/TCM README) at half the stage-1 learning rate (as 1e-4 -> 5e-5 there)
+TCM_STAGE1 = {"TCM (CT)": "CT", "TCM (iCT)": "iCT", "TCM (sCT)": "sCT"}
+TCM_STAGE1_SHARE = 5 / 7  # 1000 of 1400 steps
+TCM_FLAGS = ["--tcm_transition", "1.0", "--tcm_boundary_share", "0.25", "--tcm_boundary_weight", "0.1",
+             "--tcm_log_t_mean", "0.0", "--tcm_log_t_std", "0.2", "--tcm_log_t_df", "0.01"]
 ECT_STAGES = 8  # ECT's stages per run, as in the published CIFAR-10 schedule (200k steps, d = 25k)
 SAVE_EVERY = 50  # the "prefix" runs' checkpoint interval
 METRICS = ("fid", "precision", "recall", "class_accuracy")
@@ -96,6 +114,11 @@ def sampling_flags(preset):
     return ["--training_mode", load_preset(preset)["flags"].get("training_mode", "edm")]
 
 
+# TCM's two steps go through t' = 1 (as the paper's CIFAR-10 sampler), not the grid's 2.5 or TrigFlow's 1.1 (sigma 0.98)
+TCM_TWO_STEP = {"demo_ct": ["--ts", "", "--t_mid", "1.0"], "demo_ict": ["--ts", "", "--t_mid", "1.0"],
+                "compare_sct": ["--t_mid", repr(math.atan(1.0 / 0.5))]}
+
+
 def draw(model_path, out_dir, kind, num_samples, extra=()):
     """Samples of every class from `model_path`: kind onestep / twostep (presets compare_sample_*) or heun
     (extra: the Heun flags); returns the .npz path (kept, so a rerun skips it)."""
@@ -135,8 +158,9 @@ def markdown_table(rows, settings):
     notes = [
         "",
         f"Digits feature extractor; {settings['num_samples']} samples per model against the 1,797 real digits; "
-        "two-step: ts 0,10,20 of a 21-point Karras grid (TrigFlow models: t_mid 1.1; flow maps: a jump through t = 0.5); "
-        "batch 64; training seconds measured on this machine (the teacher's methods: their own + the teacher's).",
+        "two-step: ts 0,10,20 of a 21-point Karras grid (TrigFlow models: t_mid 1.1; flow maps: a jump through t = 0.5; "
+        "TCM: through t' = 1, sigma 1); batch 64; training seconds measured on this machine (the teacher's methods: their "
+        "own + the teacher's; TCM: both stages, stage 1's prorated from its run).",
         f"Equal wall-clock: {fmt(settings['budget_seconds'], 0)} s each (CT's run), the teacher's "
         f"{fmt(settings['teacher_seconds'], 0)} s ({settings['teacher_steps']} EDM steps) counted in ECT's, CD's "
         "and sCD's.",
@@ -144,6 +168,23 @@ def markdown_table(rows, settings):
             f"{r['round']} {r['model']}" for r in rows if r.get("grid")) + "; two samples of each class per row.",
     ]
     return "\n".join(lines + notes) + "\n"
+
+
+def stage1_steps(steps, save_every):
+    """Stage 1's share of `steps`, rounded down to its checkpoints (at least one checkpoint's worth)."""
+    k = int(steps * TCM_STAGE1_SHARE)
+    return max(k - k % save_every, save_every)
+
+
+def frozen_curriculum(stage1_path, step):
+    """The stage-1 run's target EMA rate and N(k) at `step` (from the config its checkpoint stores), as fixed flags:
+    stage 2 goes on from where stage 1 stopped (the published stage 2 resumes stage 1's tick)."""
+    config = checkpoint_config(torch.load(stage1_path, map_location="cpu", weights_only=True))
+    if config["training_mode"] not in ("consistency_training", "improved_consistency_training"):
+        return ["--tangent_warmup_steps", "0"]  # (sCT: its tangent warmed up by then)
+    target_ema, num_scales = TargetNetworkMethod.curriculum(argparse.Namespace(**config))(step)
+    return ["--target_ema_mode", "fixed", "--start_ema", repr(float(target_ema)), "--scale_mode", "fixed",
+            "--start_scales", str(int(num_scales))]
 
 
 def equal_time_steps(method, equal_steps, budget, teacher_seconds, steps):
@@ -173,6 +214,11 @@ def main(argv=None):
     unknown = [m for m in methods if m not in METHODS]
     if unknown or "CT" not in methods:
         raise ValueError(f"--methods takes CT (the budget) and any of {', '.join(METHODS)}; got {args.methods!r}")
+    missing = [f"{m} needs {TCM_STAGE1[m]}" for m in methods if m in TCM_STAGE1 and TCM_STAGE1[m] not in methods]
+    if missing:
+        raise ValueError(f"--methods: {'; '.join(missing)} (its stage 1) in the list too")
+    tcm_methods = [m for m in methods if m in TCM_STAGE1]
+    methods = [m for m in methods if m not in TCM_STAGE1]
     save_every = 2 if args.quick else SAVE_EVERY
     quick_flags = ["--global_batch_size", "16"] if args.quick else []  # (the smoke test: a quarter of the batch)
     os.makedirs(args.log_dir, exist_ok=True)
@@ -191,7 +237,7 @@ def main(argv=None):
             flags += ["--teacher_model_path", teacher_path]
         if method == "ECT":
             flags += ["--ect_stage_steps", str(max(steps // ECT_STAGES, 1))]
-        if kind == "prefix":
+        if kind == "prefix" or method in TCM_STAGE1.values():  # (TCM's stage 2 starts from a checkpoint of the run)
             flags += ["--save_interval", str(save_every)]
         if args.quick:
             flags += ["--log_interval", "1", *quick_flags]  # the curves need logged steps
@@ -203,6 +249,38 @@ def main(argv=None):
     equal_steps = {method: train(method, args.steps) for method in methods}
     for method, result in equal_steps.items():
         result["model_path"] = ema_path(result["run_dir"], METHODS[method][0], args.steps)
+
+    def train_stage2(method, stage1_run, stage1_steps, steps):
+        """TCM's stage 2 of `method` for `steps` steps from its stage-1 run's checkpoint at `stage1_steps`."""
+        stage1 = TCM_STAGE1[method]
+        preset = METHODS[method][0]
+        stage1_path = ema_path(stage1_run, preset, stage1_steps)
+        lr = load_preset(preset)["flags"]["lr"] / 2
+        flags = ["--config", preset, "--training_mode", f"truncated_{load_preset(preset)['flags']['training_mode']}",
+                 "--tcm_stage1", stage1_path, "--lr", repr(lr), *TCM_FLAGS, *frozen_curriculum(stage1_path, stage1_steps),
+                 "--save_interval", str(save_every), *quick_flags]
+        if args.quick:
+            flags += ["--log_interval", "1"]
+        run_dir = run(f"tcm_{stage1.lower()}_{stage1_steps}+{steps}steps")
+        seconds = timed_training(cm_train.main, flags, run_dir, steps)
+        return {"steps": steps, "train_seconds": seconds, "run_dir": run_dir, "model_path": ema_path(run_dir, preset, steps)}
+
+    def tcm_result(method, stage1_result, stage1_steps, stage2, stage2_steps):
+        """The row of a TCM model: both stages' steps and seconds (stage 1's, prorated, of its run)."""
+        stage1_seconds = stage1_result["train_seconds"] * stage1_steps / stage1_result["steps"]
+        stage2_seconds = stage2["train_seconds"] * stage2_steps / stage2["steps"]
+        return {"steps": stage1_steps + stage2_steps, "train_seconds": stage1_seconds + stage2_seconds,
+                "stage_steps": (stage1_steps, stage2_steps),
+                "model_path": ema_path(stage2["run_dir"], METHODS[method][0], stage2_steps)}
+
+    k1 = stage1_steps(args.steps, save_every)
+    if tcm_methods:
+        print(f"[2/4] TCM's stage 2: {', '.join(tcm_methods)}, {args.steps - k1} steps each from step {k1} of stage 1",
+              flush=True)
+    stage2_runs = {}
+    for method in tcm_methods:
+        stage2_runs[method] = train_stage2(method, equal_steps[TCM_STAGE1[method]]["run_dir"], k1, args.steps - k1)
+        equal_steps[method] = tcm_result(method, equal_steps[TCM_STAGE1[method]], k1, stage2_runs[method], args.steps - k1)
 
     budget = equal_steps["CT"]["train_seconds"]
     print(f"[3/4] equal wall-clock: {budget:.0f} s each, the teacher's {teacher_seconds:.0f} s counted", flush=True)
@@ -224,6 +302,23 @@ def main(argv=None):
             equal_time[method] = train(method, k)
             equal_time[method]["model_path"] = ema_path(equal_time[method]["run_dir"], METHODS[method][0], k)
 
+    for method in tcm_methods:  # stage 1's share of its own equal-time steps, then stage 2 for the seconds left
+        stage1_result = equal_steps[TCM_STAGE1[method]]
+        j1 = stage1_steps(equal_time[TCM_STAGE1[method]]["steps"], save_every)
+        stage1_seconds = stage1_result["train_seconds"] * j1 / stage1_result["steps"]
+        stage2_price = stage2_runs[method]["train_seconds"] / stage2_runs[method]["steps"]
+        j2 = max(0, min(int((budget - stage1_seconds) / stage2_price), args.steps - j1))
+        j2 -= j2 % save_every
+        if j2 < 1:
+            equal_time[method] = {"steps": j1, "train_seconds": stage1_seconds, "model_path": None}
+            continue
+        stage2 = stage2_runs[method] if j1 == k1 and j2 <= stage2_runs[method]["steps"] else train_stage2(
+            method, stage1_result["run_dir"], j1, j2)
+        equal_time[method] = tcm_result(method, stage1_result, j1, stage2, j2)
+        if equal_time[method]["model_path"] == equal_steps[method]["model_path"]:
+            equal_time[method] = equal_steps[method]
+    methods += tcm_methods
+
     print("[4/4] sampling and evaluation with the digits feature extractor", flush=True)
     ref, halves = digits_reference_sets(args.log_dir)
 
@@ -234,8 +329,11 @@ def main(argv=None):
             if METHODS[method][1]:
                 row["model"] = f"{method} (+ EDM teacher)"
                 row["teacher_steps"], row["teacher_seconds"] = args.teacher_steps, teacher_seconds
+            if "stage_steps" in result:
+                row["model"] = f"{method}: {result['stage_steps'][0]} + {result['stage_steps'][1]} steps"
             if result["model_path"] is None:
-                row["note"] = "the teacher alone took longer than the budget"
+                row["note"] = ("stage 1 alone took the budget" if method in TCM_STAGE1 else
+                               "the teacher alone took longer than the budget")
                 rows.append(row)
                 continue
             reused = round_name == "equal wall-clock" and result is equal_steps[method]
@@ -243,7 +341,8 @@ def main(argv=None):
             out = run(f"samples/{os.path.basename(os.path.dirname(result['model_path']))}_{name}")
             for kind in ("onestep", "twostep"):
                 npz = draw(result["model_path"], f"{out}_{kind}", kind, args.num_samples,
-                           sampling_flags(METHODS[method][0]))
+                           sampling_flags(METHODS[method][0]) + (TCM_TWO_STEP[METHODS[method][0]] if
+                                                                 method in TCM_STAGE1 and kind == "twostep" else []))
                 row[kind] = evaluate(ref, npz, features="digits")
                 if not reused:
                     grids[kind].append(per_class_rows(npz))
