@@ -32,10 +32,13 @@ def test_scalings_follow_the_published_rule():
     for name in [n for n in methods.METHODS if methods.parameterization(n) is not TRIGFLOW]:
         assert methods.parameterization(name).boundary_condition == ("consistency" in name), name
     assert {n for n in methods.METHODS if methods.parameterization(n) is TRIGFLOW} == {
-        "continuous_consistency_training", "continuous_consistency_distillation"}
+        "continuous_consistency_training", "continuous_consistency_distillation",
+        "truncated_continuous_consistency_training", "truncated_continuous_consistency_distillation"}  # (TCM's stage 2)
     # in training, ECT keeps EDM's scalings (it starts from an EDM model) and so does progdist
     trained = {name for name, cls in methods.METHODS.items() if cls.boundary_condition}
-    assert trained == {"consistency_distillation", "consistency_training", "improved_consistency_training"}
+    assert trained == {"consistency_distillation", "consistency_training", "improved_consistency_training",
+                       "truncated_consistency_distillation", "truncated_consistency_training",
+                       "truncated_improved_consistency_training"}  # (TCM's stage 2 trains as the method it wraps)
 
 
 class ShiftedDenoising(TrainingMethod):

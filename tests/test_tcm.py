@@ -6,7 +6,6 @@ processes as on one."""
 import math
 import shlex
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from cm.script_util import create_model_and_diffusion, model_and_diffusion_defau
 from cm.train_util import StepRandom
 
 from conftest import randomize
-from test_scripts import load_script
+from test_scripts import load_script, run_here
 from test_training import LAUNCHERS, TRAIN, assert_same, run, state
 
 
@@ -227,7 +226,7 @@ def test_stage2_of_sct_takes_the_same_steps_on_two_processes_as_on_one(tmp_path)
                      f"--save_interval 2 --log_dir {tmp_path / 'stage1'}"))
     flags = (TRAIN + " --training_mode truncated_continuous_consistency_training --dropout 0 --tcm_boundary_share 0.5 "
              f"--tcm_stage1 {tmp_path / 'stage1' / 'model000002.pt'} --total_training_steps 3 --save_interval 3")
-    one = run([sys.executable, "scripts/cm_train.py", *shlex.split(flags), "--log_dir", str(tmp_path / "one")])
+    one = run_here("cm_train", [*shlex.split(flags), "--log_dir", str(tmp_path / "one")])  # (one thread, as two processes)
     two = run([*LAUNCHERS["mpiexec"], "scripts/cm_train.py", *shlex.split(flags + " --batch_size 8"),
                "--log_dir", str(tmp_path / "two")])
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
