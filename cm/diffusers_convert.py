@@ -26,6 +26,7 @@ import torch
 
 from .checkpoints import MODEL_FILE, newest_weight_files, read_model_state
 from .dist_util import read_weight_file
+from .edm2_published import is_edm2_pickle, read_edm2_pickle
 from .networks.adm import parse_attention_resolutions, parse_channel_mult
 from .script_util import model_and_diffusion_defaults
 
@@ -380,8 +381,11 @@ def load_folder(folder):
 
 
 def read_weights(path):
-    """Our model state dict from `path`: a checkpoint file (cm.checkpoints.read_model_state), or the
-    U-Net of a diffusers ConsistencyModelPipeline / UNet2DModel folder."""
+    """Our model state dict from `path`: a checkpoint file (cm.checkpoints.read_model_state), the U-Net of a
+    diffusers ConsistencyModelPipeline / UNet2DModel folder, or an EDM2 network pickle of NVlabs (a .pkl file, or a
+    published name such as edm2-img64-s-fid: cm.edm2_published, which never runs the pickle's code)."""
+    if is_edm2_pickle(path):
+        return read_edm2_pickle(path)
     if os.path.isdir(path):
         return load_folder(path)[0]
     return read_model_state(path)

@@ -1,4 +1,5 @@
-"""Training data: image folders, `.npz` sample batches, downsampled-ImageNet `.npz` files, the embedded digits set.
+"""Training data: image folders, `.npz` sample batches, downsampled-ImageNet `.npz` files, the embedded digits set, and
+folders of SD-VAE latents (scripts/encode_latents.py: float32 latents drawn per epoch from each image's stored Gaussian).
 
 `load_data(...)` yields `(images, cond)` forever, as published: float32 NCHW images in [-1, 1] and
 `cond = {"y": int64 labels}` with class_cond, else `{}`. Unlike the published loader (each process kept
@@ -8,6 +9,7 @@ a sample are fixed by (seed, epoch, index) as well, so one process with batch 2b
 processes with batch b read together.
 """
 
+import json
 import math
 import os
 import re
@@ -23,6 +25,7 @@ from tqdm.auto import tqdm
 
 from . import dist_util
 from .image_io import save_npz
+from .latents import latent_scaling
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 DIGITS_NAME = "digits"
@@ -117,6 +120,8 @@ class BatchStream:
 def open_dataset(data_dir, image_size, class_cond=False, random_crop=False, random_flip=True):
     """The Dataset behind `data_dir` (see load_data); items are keyed by (index, sample_seed)."""
     augment = dict(image_size=image_size, random_crop=random_crop, random_flip=random_flip)
+    if latent_dataset_info(data_dir) is not None:
+        return LatentDataset(data_dir, class_cond)
     if data_dir == DIGITS_NAME:
         images, labels = load_digits_arrays(image_size)
         return ArrayDataset(images, labels if class_cond else None, **augment)
@@ -136,6 +141,53 @@ def open_dataset(data_dir, image_size, class_cond=False, random_crop=False, rand
         )
     images, labels = concatenate_npz([load_npz(path) for path in npz_paths])
     return ArrayDataset(images, _require_labels(labels, data_dir) if class_cond else None, **augment)
+
+
+# ----- SD-VAE latents (scripts/encode_latents.py) -----
+
+LATENTS_KIND = "sd-vae-latents"
+LATENTS_INFO = "dataset.json"
+
+
+def latent_dataset_info(data_dir):
+    """The description of a latent folder written by scripts/encode_latents.py (its dataset.json), or None for any
+    other data: {"kind", "vae", "resolution", "channels", "size", "count", "shards": [[file, labels file, n], ...]}."""
+    path = os.path.join(str(data_dir), LATENTS_INFO)
+    if data_dir == DIGITS_NAME or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        info = json.load(f)
+    return info if isinstance(info, dict) and info.get("kind") == LATENTS_KIND else None
+
+
+class LatentDataset(Dataset):
+    """Item (index, sample_seed): a float32 [C x h x w] latent drawn from image `index`'s stored Gaussian with noise
+    from sample_seed (a new draw each epoch, the same after resumption), scaled as EDM2 scales them; and its label."""
+
+    def __init__(self, folder, class_cond):
+        info = latent_dataset_info(folder)
+        if info is None or info.get("count") != sum(n for _, _, n in info.get("shards", [])):
+            raise ValueError(f"{folder} holds no complete latent dataset; finish it with scripts/encode_latents.py")
+        self.arrays = [np.load(os.path.join(folder, name), mmap_mode="r") for name, _, _ in info["shards"]]
+        self.labels = np.concatenate([np.load(os.path.join(folder, name)) for _, name, _ in info["shards"]])
+        if not class_cond:
+            self.labels = None
+        elif (self.labels < 0).any():
+            raise ValueError(f"{folder} was encoded without labels; pass --class_cond False")
+        self.starts = np.cumsum([0] + [len(a) for a in self.arrays])
+        scale, bias = latent_scaling()
+        self.scale, self.bias = scale[:, None, None], bias[:, None, None]
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitem__(self, key):
+        index, sample_seed = key
+        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
+        mean, std = np.split(np.asarray(self.arrays[shard][index - self.starts[shard]], dtype=np.float32), 2)
+        noise = np.random.default_rng(sample_seed).standard_normal(mean.shape, dtype=np.float32)
+        latent = ((mean + std * noise) * self.scale + self.bias).astype(np.float32)
+        return latent, None if self.labels is None else self.labels[index]
 
 
 # ----- sources -----
@@ -475,13 +527,16 @@ class GlobalBatchSampler:
 
 
 def collate(samples):
-    """[(uint8 HWC image, label or None)] -> (float32 NCHW in [-1, 1], {"y": int64 labels} or {}),
-    or the first UnreadableImage among them."""
+    """[(uint8 HWC image, label or None)] -> (float32 NCHW in [-1, 1], {"y": int64 labels} or {}) (float32 CHW
+    latents are stacked as they are), or the first UnreadableImage among them."""
     images, labels = zip(*samples)
     for image in images:
         if isinstance(image, UnreadableImage):
             return image
-    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous().float() / 127.5 - 1
+    if images[0].dtype == np.float32:  # latents, already CHW and scaled
+        batch = torch.from_numpy(np.stack(images))
+    else:
+        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous().float() / 127.5 - 1
     return batch, {} if labels[0] is None else {"y": torch.tensor(np.array(labels), dtype=torch.int64)}
 
 

@@ -10,7 +10,8 @@ import torch
 from . import dist_util, logger
 from .atomic import atomic_write_text
 from .checkpoints import MODEL_FILE
-from .image_datasets import load_data
+from .image_datasets import latent_dataset_info, load_data
+from .networks import NETWORKS
 from .phema import std_to_exp
 from .precision import resolve_precision_args
 from .run_folder import lock_run_folder, remove_stale_temporaries
@@ -23,6 +24,7 @@ def check_training_flags(args, method_cls, model_kwargs):
     known): the numbers, the network and denoiser built on the meta device (no memory, no weights) from
     `model_kwargs`, the method's flags, the batch, the averages and the optimizer's."""
     check_numbers(args)
+    check_latent_data(args)
     with torch.device("meta"):
         create_model_and_diffusion(**model_kwargs)
     method_cls.check_flags(args)
@@ -30,6 +32,26 @@ def check_training_flags(args, method_cls, model_kwargs):
     ema_rates(args)
     optimizer_flags(args)
     phema_flags(args)
+
+
+def check_latent_data(args):
+    """Latent data (scripts/encode_latents.py) with the flags that say so, and --latent_vae only with latent data."""
+    info = latent_dataset_info(args.data_dir) if args.data_dir else None
+    if info is None:
+        if args.latent_vae:
+            raise ValueError(f"--latent_vae {args.latent_vae} trains in latent space: pass --data_dir a folder of "
+                             "scripts/encode_latents.py, or drop --latent_vae")
+        return
+    wanted = {"latent_vae": info["vae"], "image_channels": info.get("channels"), "image_size": info.get("size")}
+    wrong = {k: v for k, v in wanted.items() if getattr(args, k) != v}
+    if "image_channels" not in NETWORKS[args.network].flags:
+        takers = ", ".join(name for name, net in NETWORKS.items() if "image_channels" in net.flags)
+        raise ValueError(f"--data_dir {args.data_dir} holds latents; --network {args.network} sees RGB images only: "
+                         f"train one that takes --image_channels ({takers})")
+    if wrong:
+        raise ValueError(f"--data_dir {args.data_dir} holds SD-VAE latents: pass "
+                         + " ".join(f"--{k} {v}" for k, v in wanted.items()) + " (got "
+                         + ", ".join(f"--{k} {getattr(args, k)!r}" for k in wrong) + ")")
 
 
 POSITIVE = (lambda v: v > 0, "positive")
@@ -41,7 +63,7 @@ NUMBER_RANGES = {
     "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "lr_anneal_steps": NON_NEGATIVE, "log_interval": POSITIVE,
     "fp16_scale_growth": NON_NEGATIVE, "dropout": FRACTION, "teacher_dropout": FRACTION, "fourier_scale": POSITIVE,
     "p_std": POSITIVE, "ect_k": NON_NEGATIVE, "jvp_eps": POSITIVE, "tangent_norm_c": NON_NEGATIVE,
-    "tangent_warmup_steps": NON_NEGATIVE, "time_inputs": POSITIVE,
+    "tangent_warmup_steps": NON_NEGATIVE, "time_inputs": POSITIVE, "lr_warmup_steps": NON_NEGATIVE,
 }
 
 

@@ -30,6 +30,7 @@ from .fast_paths import apply_fast_paths
 from .image_io import save_npz, to_uint8_nhwc
 from .precision import resolve_precision_args
 from .random_util import get_generator
+from .latents import LatentCodec, load_vae
 from .methods import parameterization, trained_parameterization
 from .parameterizations import parse_int_list
 from .script_util import add_flags_by_owner, create_model_and_diffusion, model_and_diffusion_defaults, network_defining_flags
@@ -60,6 +61,7 @@ def sampling_argparser(description, **script_defaults):
         compile=False,  # fast path: torch.compile the network (compiles on the first batch)
         precision="auto",  # auto | fp32 | bf16 | fp16 of the torso; auto: bf16 where the device runs it natively
         time_input="edm",  # sCM models' time input: edm (the EDM network's c_noise(sigma_d tan t)) | identity (t; sCT)
+        latent_vae="",  # a latent model's VAE (its checkpoint says): samples are decoded to pixels with it
         t_mid="",  # multistep of sCM and flow maps: the intermediate times, decreasing; empty: TrigFlow 1.1 (sCM's
         # ImageNet-64 two-step), flow map 0.5; of consistency models: noise levels in place of --ts (TCM's 1.0)
     )
@@ -74,7 +76,7 @@ def sampling_argparser(description, **script_defaults):
 SAMPLE_SETTINGS = (
     "training_mode", "generator", "clip_denoised", "num_samples", "sampler", "s_churn", "s_tmin", "s_tmax",
     "s_noise", "steps", "model_path", "seed", "ts", "class_labels", "sigma_min", "sigma_max", "precision",
-    "time_input", "t_mid", "c_noise", "double_norm",
+    "time_input", "t_mid", "c_noise", "double_norm", "latent_vae",
 )
 
 
@@ -104,8 +106,8 @@ def check_sampling_args(args):
 
 def stored_model_flags():
     """The flags a checkpoint's stored config decides (besides --training_mode and its parameterization's
-    stored_flags): the network's (of every network registered by now) and the noise range."""
-    return ("sigma_min", "sigma_max") + network_defining_flags()
+    stored_flags): the network's (of every network registered by now), the noise range and the latent space."""
+    return ("sigma_min", "sigma_max", "latent_vae") + network_defining_flags()
 
 
 def read_sampling_weights(args, given=None):
@@ -172,11 +174,20 @@ def load_sampling_model(args, state=None):
 
 
 def sample_kwargs(args):
-    """karras_sample's settings from the flags."""
+    """karras_sample's settings from the flags (a latent model's denoised estimates are not images in [-1, 1], so
+    never clipped: EDM2 does not clip its latents)."""
     return dict(
-        clip_denoised=args.clip_denoised, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
-        s_churn=args.s_churn, s_tmin=args.s_tmin, s_tmax=args.s_tmax, s_noise=args.s_noise,
+        clip_denoised=args.clip_denoised and not getattr(args, "latent_vae", ""), sigma_min=args.sigma_min,
+        sigma_max=args.sigma_max, s_churn=args.s_churn, s_tmin=args.s_tmin, s_tmax=args.s_tmax, s_noise=args.s_noise,
     )
+
+
+def latent_decoding(args):
+    """generate_samples' {"channels", "to_images"} for a latent model (--latent_vae, from its checkpoint: the VAE decodes
+    its samples to pixels, cm.latents), {} for a pixel model."""
+    if not getattr(args, "latent_vae", ""):
+        return {}
+    return {"channels": args.image_channels, "to_images": LatentCodec(load_vae(args.latent_vae, dist_util.dev())).decode}
 
 
 # what a failed write of a sampling run advises (its rounds are kept: cm.dist_util.write_on_rank0)
@@ -250,6 +261,8 @@ def generate_samples(
     settings=None,
     progress=True,
     t_mid=(),
+    channels=3,
+    to_images=None,
     **sample_kwargs,
 ):
     """Draw `num_samples` images (uint8 NHWC) and their labels (or None) from all processes, returned
@@ -257,7 +270,9 @@ def generate_samples(
     num_classes from the generator. With `shard_dir`, each round is kept there and a rerun resumes.
     `kind` (the model's parameterization, cm.parameterizations) samples each round from `diffusion`, its sampling denoiser: Karras
     sigma with --sampler at `steps` (`ts`: multistep's grid indices) and `sample_kwargs` (clip_denoised, sigma_min,
-    sigma_max, s_churn, ...), TrigFlow and flow maps in one step and once more at each time of `t_mid`."""
+    sigma_max, s_churn, ...), TrigFlow and flow maps in one step and once more at each time of `t_mid`. Samples have
+    `channels` channels; `to_images` makes uint8 NHWC pixels of them (default: [-1, 1] images; a latent model's decoder)."""
+    to_images = to_images or to_uint8_nhwc
     device = dist_util.dev()
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     images, labels, done = [], [], 0
@@ -286,11 +301,11 @@ def generate_samples(
                 model_kwargs["y"] = torch.tensor(class_labels)[index % len(class_labels)].to(device)
             else:
                 model_kwargs["y"] = gen.randint(0, num_classes, (per_rank,), device=device)
-        shape = (per_rank, 3, image_size, image_size)
+        shape = (per_rank, channels, image_size, image_size)
         sample = kind.sample(diffusion, model, shape, gen, sampler=sampler, steps=steps, ts=ts, t_mid=t_mid,
                              model_kwargs=model_kwargs, device=device, **sample_kwargs)
         check_finite_samples(sample)
-        round_images = in_global_order(dist_util.all_gather(torch.from_numpy(to_uint8_nhwc(sample)).to(device)))
+        round_images = in_global_order(dist_util.all_gather(torch.from_numpy(to_images(sample)).to(device)))
         round_labels = in_global_order(dist_util.all_gather(model_kwargs["y"])) if class_cond else None
         count = min(per_rank * world, num_samples - round_start)
         if rank == 0:

@@ -180,11 +180,13 @@ def train_defaults():
     """Flags shared by cm_train.py and edm_train.py: the published ones, then this project's."""
     return dict(
         data_dir="",  # image folder, .npz batch, downsampled-ImageNet .npz, or "digits"
+        latent_vae="",  # the data are SD-VAE latents of this diffusers AutoencoderKL (scripts/encode_latents.py)
         schedule_sampler="uniform",  # EDM noise-level sampler: lognormal | uniform
         lr=1e-4,
         weight_decay=0.0,
         lr_anneal_steps=0,  # linear decay of the learning rate to 0 over this many steps (0: constant)
         lr_ref_steps=0,  # EDM2's decay: lr / sqrt(max(step / lr_ref_steps, 1)) (0: off); times the linear one
+        lr_warmup_steps=0,  # EDM2's ramp-up: lr x min(step / lr_warmup_steps, 1) (0: off)
         optimizer="radam",  # radam (published) | adam
         adam_betas="0.9,0.999",  # the optimizer's betas (published: torch's defaults)
         adam_eps=1e-8,  # the optimizer's eps

@@ -74,7 +74,10 @@ class Precision:
         self.fp16_scale_growth = fp16_scale_growth
         self.lg_loss_scale = initial_lg_loss_scale
         self.model_params = list(model.parameters())
-        if mode == "fp16":
+        if mode == "fp16" and getattr(model, "float32_weights", False):  # (EDM2: float32 weights cast where used)
+            self.master_params = self.model_params
+            model.convert_to_fp16()
+        elif mode == "fp16":
             self.master_params = [p.detach().float().clone().requires_grad_(True) for p in self.model_params]
             model.convert_to_fp16()
         else:
@@ -151,6 +154,11 @@ def inverse_sqrt_decay(step, ref_steps):
     return 1.0 / math.sqrt(max(step / ref_steps, 1.0)) if ref_steps > 0 else 1.0
 
 
+def linear_warmup(step, warmup_steps):
+    """EDM2's learning-rate ramp-up min(step / warmup_steps, 1) (its rampup_Mimg in steps; 1 when warmup_steps is 0)."""
+    return min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
+
+
 class DeviceMeans:
     """Running sums of logged values kept on the device, read (one sync) only when logged."""
 
@@ -197,6 +205,7 @@ class LoopSettings:
     adam_betas: tuple = (0.9, 0.999)
     adam_eps: float = 1e-8
     lr_ref_steps: int = 0
+    lr_warmup_steps: int = 0
     grad_clip: float = 0.0
     phema_std: tuple = ()
     phema_snapshot_interval: int = 0
@@ -220,7 +229,7 @@ class TrainLoop:
         self.weight_decay = s.weight_decay
         self.lr_anneal_steps = s.lr_anneal_steps
         self.optimizer, self.adam_betas, self.adam_eps = s.optimizer, tuple(s.adam_betas), s.adam_eps
-        self.lr_ref_steps, self.grad_clip = s.lr_ref_steps, s.grad_clip
+        self.lr_ref_steps, self.lr_warmup_steps, self.grad_clip = s.lr_ref_steps, s.lr_warmup_steps, s.grad_clip
         self.phema_std, self.phema_interval = list(s.phema_std), s.phema_snapshot_interval
         self.phema_gamma = [std_to_exp(std) for std in self.phema_std]
         self.total_training_steps = s.total_training_steps
@@ -476,7 +485,8 @@ class TrainLoop:
             )
 
     def current_lr(self):
-        return self.method.lr(self.lr, self.step, self.lr_anneal_steps) * inverse_sqrt_decay(self.step, self.lr_ref_steps)
+        return (self.method.lr(self.lr, self.step, self.lr_anneal_steps) * inverse_sqrt_decay(self.step, self.lr_ref_steps)
+                * linear_warmup(self.step, self.lr_warmup_steps))
 
     def _anneal_lr(self):
         for group in self.opt.param_groups:

@@ -9,7 +9,10 @@ Both files hold `arr_0`, uint8 images (N, H, W, 3) of any size (read in batches,
 --features inception (the default) the features are those of the TF Inception-v3 graph of 2015-12-05 (see
 feature_extractors.py): FID, precision and recall on pool_3, sFID on the first 7 channels of mixed_6/conv,
 the Inception Score on its softmax, in splits of 5,000. The reference batch's precomputed `mu`, `sigma`, `mu_s`,
-`sigma_s` are used when present (the published reference batches have them). The reference activations and
+`sigma_s` are used when present (the published reference batches have them). An EDM2 reference pickle
+(REF.pkl, NVlabs/edm2's dataset-refs: FID and FD-DINOv2 statistics only, read without running pickled code)
+gives the FID (--features inception) or FD_DINOv2 (--features dinov2); precision and recall need reference
+images, so are n/a. The reference activations and
 statistics are cached beside the reference file (REF.stats_<features>.npz), keyed on its size and
 modification time and on the feature network's weights.
 
@@ -414,7 +417,10 @@ class Evaluator:
 
     def read_reference(self, npz_path: str):
         """(activations, statistics) of a reference batch, from its cache file when that is still valid
-        (same reference size and modification time, same feature weights), else computed and cached."""
+        (same reference size and modification time, same feature weights), else computed and cached; of an EDM2
+        reference pickle (statistics only), ((None, None), statistics)."""
+        if npz_path.endswith(".pkl"):
+            return (None, None), (read_edm2_reference(npz_path, self.features), None)
         if not os.path.isfile(npz_path):
             raise FileNotFoundError(f"no such file: {npz_path} (expected an .npz with {NPZ_IMAGES})")
         cache_path = stats_cache_path(npz_path, self.features)
@@ -497,8 +503,10 @@ class Evaluator:
         (ref_pool, _), (ref_stats, ref_stats_spatial) = reference
         sample_stats, sample_stats_spatial = sample_stats
         has_spatial = sample_stats_spatial is not None and ref_stats_spatial is not None
-        warn_singular_covariance(len(ref_pool), len(sample_acts[0]), ref_pool.shape[1])
-        precision, recall = self.compute_prec_recall(ref_pool, sample_acts[0])
+        precision = recall = None  # (a reference of statistics only has no features to measure them against)
+        if ref_pool is not None:
+            warn_singular_covariance(len(ref_pool), len(sample_acts[0]), ref_pool.shape[1])
+            precision, recall = self.compute_prec_recall(ref_pool, sample_acts[0])
         metrics = {
             "inception_score": (
                 self.compute_inception_score(sample_acts[0]) if self.extractor.has_classifier else None
@@ -511,6 +519,25 @@ class Evaluator:
         if self.extractor.predicts_labels and labels is not None:
             metrics["class_accuracy"] = self.compute_class_accuracy(sample_acts[0], labels)
         return metrics
+
+
+EDM2_REFERENCE_KEYS = {"inception": "fid", "dinov2": "fd_dinov2"}  # NVlabs/edm2 calculate_metrics.py's names
+
+
+def read_edm2_reference(path, features):
+    """The FIDStatistics for `features` in an EDM2 reference pickle (NVlabs/edm2 calculate_metrics.py ref: a dict
+    {"fid": {"mu", "sigma"}, "fd_dinov2": {...}}, e.g. dataset-refs/img512.pkl), read without running pickled code."""
+    from cm.safe_pickle import safe_load
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path} (an EDM2 reference pickle, e.g. "
+                                "https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl)")
+    data = safe_load(path)
+    key = EDM2_REFERENCE_KEYS.get(features)
+    if not isinstance(data, dict) or key not in data:
+        held = ", ".join(k for k, v in EDM2_REFERENCE_KEYS.items() if isinstance(data, dict) and v in data)
+        raise ValueError(f"{path} holds no {key or features} statistics; it has those of --features {held or 'none'}")
+    return FIDStatistics(np.asarray(data[key]["mu"], np.float64), np.asarray(data[key]["sigma"], np.float64))
 
 
 def warn_singular_covariance(num_reference, num_samples, dim):

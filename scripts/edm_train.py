@@ -34,6 +34,7 @@ def create_argparser():
     defaults = train_defaults()
     defaults.update(model_and_diffusion_defaults())
     defaults.update(total_training_steps=0)  # stop after this many steps (0: no limit but lr_anneal_steps)
+    defaults.update({flag: default for flag, (default, _) in EDM.flags.items()})  # the method's own (its lognormal)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     return add_flags_by_owner(parser, defaults)
 

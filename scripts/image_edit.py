@@ -135,6 +135,9 @@ def main(argv=None):
     args = parse_args_with_config(parser, argv, "image_edit.py", also=("image_sample.py",))
     dist_util.setup_dist(device=args.device or None)
     state = read_sampling_weights(args, given_flags(parser, argv))  # (its stored config fills the flags not given)
+    if getattr(args, "latent_vae", ""):
+        raise ValueError(f"{args.model_path} is a latent model (--latent_vae {args.latent_vae}); the editing tasks work in "
+                         "pixel space: edit with a pixel model")
     ts, class_labels = check_args(args)
     # inputs before the run folder: bad data leave nothing behind
     mask = read_mask(args.mask, args.image_size) if args.task == "inpainting" else None

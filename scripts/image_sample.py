@@ -20,6 +20,7 @@ from cm.sample_util import (
     check_sampling_args,
     finish_shards,
     generate_samples,
+    latent_decoding,
     load_sampling_model,
     read_sampling_weights,
     sample_kwargs,
@@ -41,6 +42,7 @@ def main(argv=None):
     lock_run_folder(folder)  # one sampling run per folder: two would write the same shards
     logger.configure(folder)
     model, diffusion = load_sampling_model(args, state)
+    latent = latent_decoding(args)
     # partial rounds are kept for the model's contents, not its path (a replaced file starts over)
     model_hash = file_sha256(args.model_path) if args.model_path and dist_util.get_rank() == 0 else ""
 
@@ -53,7 +55,7 @@ def main(argv=None):
             batch_size=args.batch_size, image_size=args.image_size,
             sampler=args.sampler, steps=args.steps, ts=steps["ts"], generator=args.generator, seed=seed,
             class_cond=args.class_cond, num_classes=args.num_classes, class_labels=class_labels, shard_dir=shard_dir,
-            settings=settings, t_mid=steps["t_mid"], **sample_kwargs(args),
+            settings=settings, t_mid=steps["t_mid"], **sample_kwargs(args), **latent,
         )
 
         def save():

@@ -573,3 +573,31 @@ def test_repeats_evaluate_each_batch_and_summarise_it(tmp_path, digits):
     assert "mean" in result.stdout and "run 2" in result.stdout
     with pytest.raises(ValueError, match="not both"):
         evaluator.evaluate_repeats(ref, parts, repeats=2)
+
+
+def test_an_edm2_reference_pickle_gives_the_fid_of_its_statistics(tmp_path, digits, monkeypatch):
+    """EDM2's reference statistics (dataset-refs/*.pkl: {"fid": {"mu", "sigma"}, "fd_dinov2": {...}}), read without
+    running pickled code: the FID against them equals the FID against the images they are the statistics of;
+    precision and recall are n/a (no reference images); statistics of other features are refused in one line. (The
+    random features stand in for Inception's under the "fid" key: the same arithmetic, 256 dimensions.)"""
+    import pickle
+
+    import evaluations.evaluator as evaluator_module
+
+    monkeypatch.setitem(evaluator_module.EDM2_REFERENCE_KEYS, "random", "fid")
+    evaluator = Evaluator("random", device="cpu", progress=False, cache=False)
+    ref, sample = save_npz(tmp_path / "ref.npz", digits[0][:300]), save_npz(tmp_path / "sample.npz", digits[0][300:600])
+    from_npz = evaluator.read_reference(ref)
+    stats = from_npz[1][0]
+    with open(tmp_path / "img.pkl", "wb") as f:
+        pickle.dump({"fid": {"mu": stats.mu.astype(np.float32), "sigma": stats.sigma}, "fd_dinov2": {"mu": np.zeros(3)}}, f)
+    acts = evaluator.read_activations(sample)
+    sample_stats = (evaluator.compute_statistics(acts[0]), None)
+    from_images = evaluator.metrics(from_npz, acts, sample_stats)
+    from_pickle = evaluator.metrics(evaluator.read_reference(str(tmp_path / "img.pkl")), acts, sample_stats)
+    assert from_pickle["fid"] == pytest.approx(from_images["fid"], rel=1e-4) and from_images["precision"] is not None
+    assert from_pickle["precision"] is None and from_pickle["recall"] is None
+    with open(tmp_path / "dino_only.pkl", "wb") as f:
+        pickle.dump({"fd_dinov2": {"mu": np.zeros(3), "sigma": np.eye(3)}}, f)
+    with pytest.raises(ValueError, match="holds no fid statistics; it has those of --features dinov2"):
+        evaluator.read_reference(str(tmp_path / "dino_only.pkl"))

@@ -89,8 +89,8 @@ def test_the_published_flags_build_adm_and_other_networks_are_refused_by_name(to
     net, _ = create_model_and_diffusion(**tiny_config(network="toy"))
     with pytest.raises(ValueError, match=f"{path} was trained with --network adm; pass --network adm"):
         load_model_weights(net, path)
-    with pytest.raises(ValueError, match="unknown --network dit; choose one of adm, toy"):
-        create_model_and_diffusion(**tiny_config(network="dit"))
+    with pytest.raises(ValueError, match="unknown --network nonesuch; choose one of adm, edm2, dit, toy"):
+        create_model_and_diffusion(**tiny_config(network="nonesuch"))
     with pytest.raises(TypeError, match="toy_depth"):
         create_model(16, 32, 1, network="toy", toy_depth=2)
     with pytest.raises(ValueError, match="num_classes of network adm have other defaults"):

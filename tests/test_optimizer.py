@@ -7,7 +7,7 @@ import shlex
 import pytest
 import torch
 
-from cm.train_util import Precision, inverse_sqrt_decay
+from cm.train_util import Precision, inverse_sqrt_decay, linear_warmup
 
 from test_scripts import load_script
 from test_training import TRAIN, run_in_process
@@ -20,6 +20,8 @@ def test_inverse_sqrt_decay_is_one_until_t_ref_then_falls_as_one_over_the_root()
     assert inverse_sqrt_decay(400, 100) == pytest.approx(0.5)
     assert inverse_sqrt_decay(300, 100) == pytest.approx(1 / math.sqrt(3))
     assert inverse_sqrt_decay(10**6, 0) == 1.0  # off
+    # EDM2's ramp-up: from 0 at step 0 to 1 at the warmup's end (its rampup_Mimg), 1 when off
+    assert [linear_warmup(s, 4) for s in (0, 1, 4, 9)] == [0.0, 0.25, 1.0, 1.0] and linear_warmup(0, 0) == 1.0
 
 
 @pytest.mark.parametrize("clip", [0.0, 0.5, 100.0])
@@ -40,11 +42,11 @@ def test_clipping_scales_the_step_as_torch_clip_grad_norm_does(clip):
 
 def test_adam_with_its_betas_eps_decay_and_clipping_reaches_the_optimizer(tmp_path):
     flags = (TRAIN + " " + CT + " --total_training_steps 3 --save_interval 3 --log_interval 1 --optimizer adam "
-             "--adam_betas 0.9,0.99 --adam_eps 1e-11 --lr_ref_steps 2 --grad_clip 0.5")
+             "--adam_betas 0.9,0.99 --adam_eps 1e-11 --lr_ref_steps 2 --lr_warmup_steps 4 --grad_clip 0.5")
     load_script("cm_train").main([*shlex.split(flags), "--log_dir", str(tmp_path)])
     group = torch.load(tmp_path / "opt000003.pt", weights_only=True)["param_groups"][0]
     assert group["betas"] == (0.9, 0.99) and group["eps"] == 1e-11 and "amsgrad" in group  # Adam's, not RAdam's
-    assert group["lr"] == pytest.approx(2e-4 / math.sqrt(3 / 2))  # the rate after step 3, EDM2's decay from step 2
+    assert group["lr"] == pytest.approx(2e-4 / math.sqrt(3 / 2) * 3 / 4)  # after step 3: EDM2's decay from 2, ramp-up to 4
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -14,7 +14,7 @@ code, as tests/test_networks.py does).
 
 from collections import namedtuple
 
-from . import adm
+from . import adm, dit, edm2
 
 Flag = namedtuple("Flag", "default help")
 Network = namedtuple("Network", "build flags")  # build(**own flags) -> module; flags {name: Flag}
@@ -36,7 +36,16 @@ def register(name, build, flags):
     return build
 
 
+def shared_flags(names):
+    """{flag: (default, help)} of flags a registered network declared, for another network that takes them too (the
+    same meaning and default: image_size, class_cond, ...)."""
+    declared = {k: (f.default, f.help) for net in NETWORKS.values() for k, f in net.flags.items()}
+    return {k: declared[k] for k in names}
+
+
 register("adm", adm.build, adm.FLAGS)
+register("edm2", edm2.build, {**shared_flags(edm2.SHARED), **edm2.FLAGS})
+register("dit", dit.build, {**shared_flags(dit.SHARED), **dit.FLAGS})
 
 
 def network(name):
