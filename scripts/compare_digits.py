@@ -15,7 +15,8 @@ wall-clock, the teacher's time and both of TCM's stages counted.
    TCM (CT), TCM (iCT), TCM (sCT): stage 1 is the checkpoint of that method's run at 5/7 of its steps (equal steps:
    1000 of 1400; equal wall-clock: of its equal-time steps), stage 2 (cm/methods/tcm.py, the paper's CIFAR-10
    settings at half the stage-1 lr, its curriculum frozen where stage 1 stopped) the rest: 400 steps, or the seconds
-   left at its measured price per step.
+   left at its measured price per step. CT (EDM2): CT as CT's row on a tiny EDM2 network (compare_ct_edm2), at
+   equal steps only.
 4. Samples every model one-step and two-step (presets compare_sample_*: ts 0,10,20 of 21 for the Karras
    models, t_mid 1.1 for the TrigFlow ones, a jump through t = 0.5 for the flow map; TCM's through t' = 1) and the
    teacher with Heun
@@ -52,7 +53,8 @@ from cm.methods.target import TargetNetworkMethod
 from evaluations.evaluator import evaluate
 
 # preset; needs the EDM teacher; its equal-wall-clock run: "ct" (CT itself, the budget), "ct_work" (CT's work
-# per step: its run of the equal steps), "prefix" (a checkpoint of that run), "retrain" (ECT: a new, shorter run)
+# per step: its run of the equal steps), "prefix" (a checkpoint of that run), "retrain" (ECT: a new, shorter run),
+# "steps_only" (none: CT on another network, a row of the equal steps only)
 METHODS = {
     "CT": ("demo_ct", False, "ct"),
     "iCT": ("demo_ict", False, "ct_work"),
@@ -61,6 +63,7 @@ METHODS = {
     "CD": ("compare_cd", True, "prefix"),
     "sCD": ("compare_scd", True, "prefix"),
     "MeanFlow": ("compare_meanflow", False, "prefix"),
+    "CT (EDM2)": ("compare_ct_edm2", False, "steps_only"),
     "TCM (CT)": ("demo_ct", False, "tcm"),
     "TCM (iCT)": ("demo_ict", False, "tcm"),
     "TCM (sCT)": ("compare_sct", False, "tcm"),
@@ -286,6 +289,8 @@ def main(argv=None):
     print(f"[3/4] equal wall-clock: {budget:.0f} s each, the teacher's {teacher_seconds:.0f} s counted", flush=True)
     equal_time = {}
     for method in methods:
+        if METHODS[method][2] == "steps_only":
+            continue
         k = equal_time_steps(method, equal_steps, budget, teacher_seconds, args.steps)
         kind = METHODS[method][2]
         if kind == "prefix":
