@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import dist_util
 from .image_io import save_npz
-from .latents import latent_scaling
+from .latents import draw_latent
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 DIGITS_NAME = "digits"
@@ -175,8 +175,6 @@ class LatentDataset(Dataset):
         elif (self.labels < 0).any():
             raise ValueError(f"{folder} was encoded without labels; pass --class_cond False")
         self.starts = np.cumsum([0] + [len(a) for a in self.arrays])
-        scale, bias = latent_scaling()
-        self.scale, self.bias = scale[:, None, None], bias[:, None, None]
 
     def __len__(self):
         return int(self.starts[-1])
@@ -184,10 +182,10 @@ class LatentDataset(Dataset):
     def __getitem__(self, key):
         index, sample_seed = key
         shard = int(np.searchsorted(self.starts, index, side="right")) - 1
-        mean, std = np.split(np.asarray(self.arrays[shard][index - self.starts[shard]], dtype=np.float32), 2)
-        noise = np.random.default_rng(sample_seed).standard_normal(mean.shape, dtype=np.float32)
-        latent = ((mean + std * noise) * self.scale + self.bias).astype(np.float32)
-        return latent, None if self.labels is None else self.labels[index]
+        mean_std = self.arrays[shard][index - self.starts[shard]]
+        noise = np.random.default_rng(sample_seed).standard_normal((mean_std.shape[0] // 2, *mean_std.shape[1:]),
+                                                                   dtype=np.float32)
+        return draw_latent(mean_std, noise), None if self.labels is None else self.labels[index]
 
 
 # ----- sources -----

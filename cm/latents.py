@@ -24,6 +24,14 @@ def latent_scaling():
     return scale, np.float32(FINAL_MEAN) - np.asarray(RAW_MEAN, dtype=np.float32) * scale
 
 
+def draw_latent(mean_std, noise):
+    """A float32 latent drawn from a stored Gaussian [..., 2C, h, w] (mean, then std) with `noise` ~ N(0, I)
+    [..., C, h, w], scaled as EDM2 scales them: (mean + std noise) scale + bias, per channel."""
+    mean, std = np.split(np.asarray(mean_std, dtype=np.float32), 2, axis=-3)
+    scale, bias = latent_scaling()
+    return ((mean + std * noise) * scale[:, None, None] + bias[:, None, None]).astype(np.float32)
+
+
 def load_vae(name, device="cpu"):
     """diffusers' AutoencoderKL `name` (a Hub name or a folder), eval mode, no gradient; one clear line offline."""
     from diffusers import AutoencoderKL
@@ -43,7 +51,7 @@ def load_vae(name, device="cpu"):
 
 
 class LatentCodec:
-    """Pixels to stored latent statistics, statistics to training latents, sampled latents to pixels."""
+    """Pixels to stored latent statistics (encode_pixels), sampled latents to pixels (decode)."""
 
     def __init__(self, vae):
         self.vae = vae
@@ -56,13 +64,6 @@ class LatentCodec:
         x = images.to(torch.float32) / 255  # (EDM2 encodes pixels in [0, 1])
         dist = self.vae.encode(x.to(self.vae.device, self.vae.dtype)).latent_dist
         return torch.cat([dist.mean, dist.std], dim=1).float().cpu()
-
-    def draw_latents(self, mean_std, noise):
-        """A latent drawn from the stored Gaussian with `noise` ~ N(0, I), scaled: (mean + std noise) scale + bias."""
-        mean, std = torch.as_tensor(mean_std, dtype=torch.float32).chunk(2, dim=-3)
-        x = mean + std * torch.as_tensor(noise, dtype=torch.float32)
-        shape = (-1, 1, 1)
-        return x * self.scale.view(shape).to(x.device) + self.bias.view(shape).to(x.device)
 
     @torch.no_grad()
     def decode(self, latents):

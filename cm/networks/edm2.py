@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .adm import parse_attention_resolutions
+from .adm import parse_attention_resolutions, parse_channel_mult
 
 FLAGS = {
     "image_channels": (3, "channels of the data the network sees (SD-VAE latents: 4)"),
@@ -322,12 +322,7 @@ def build(image_size, image_channels, num_channels, num_res_blocks, channel_mult
         raise ValueError(f"unknown --edm2_time_embedding {edm2_time_embedding!r}; choose one of {', '.join(TIME_EMBEDDINGS)}")
     if time_inputs not in (1, 2):
         raise ValueError(f"--network edm2 takes one or two time inputs (--time_inputs), got {time_inputs}")
-    if channel_mult in ("", None):
-        mult = DEFAULT_CHANNEL_MULT
-    elif isinstance(channel_mult, str):
-        mult = tuple(int(m) for m in channel_mult.split(","))
-    else:
-        mult = tuple(channel_mult)
+    mult = DEFAULT_CHANNEL_MULT if channel_mult in ("", None) else parse_channel_mult(channel_mult, image_size)
     if image_size < 1 or image_size % 2 ** (len(mult) - 1):
         raise ValueError(f"--image_size {image_size} cannot be halved {len(mult) - 1} times (--channel_mult "
                          f"{','.join(map(str, mult))}); pass a multiple of {2 ** (len(mult) - 1)}")
