@@ -10,6 +10,7 @@ from setuptools import find_packages, setup
 #   lpips              the LPIPS distance's linear-layer weights (they ship inside the package)
 #   torch-fidelity     the evaluator's Inception-v3: a port of the TF 2015-12-05 graph with TF1's bilinear resize
 # diffusers, safetensors  optional ([diffusers] extra, and in [test]): scripts/convert_*_diffusers.py
+# tensorboard, wandb  optional ([logging] extra, and in [test]): --log_backends tensorboard,wandb
 # torch is left open above: on the project's machines pip's constraint file resolves it to the local 2.14.1.
 setup(
     name="consistency-models",
@@ -34,7 +35,8 @@ setup(
         "torch-fidelity>=0.3.0",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.4", "diffusers>=0.25", "safetensors>=0.4"],
+        "test": ["pytest>=7", "ruff>=0.4", "diffusers>=0.25", "safetensors>=0.4", "tensorboard>=2.10", "wandb>=0.15"],
         "diffusers": ["diffusers>=0.25", "safetensors>=0.4"],
+        "logging": ["tensorboard>=2.10", "wandb>=0.15"],
     },
 )

@@ -26,7 +26,8 @@ def save_npz(path, *arrays):
 
 def save_grid(images, path, nrow=None, pad=2, min_size=64):
     """Tile uint8 NHWC images into one PNG, nrow per row (default: a square), `pad` black pixels apart;
-    images smaller than `min_size` pixels are enlarged (nearest neighbour) by a whole factor to be seen."""
+    images smaller than `min_size` pixels are enlarged (nearest neighbour) by a whole factor to be seen. Returns the
+    grid (uint8 HWC)."""
     factor = max(1, -(-min_size // max(images.shape[1:3])))
     images = images.repeat(factor, axis=1).repeat(factor, axis=2)
     n, h, w, c = images.shape
@@ -37,3 +38,4 @@ def save_grid(images, path, nrow=None, pad=2, min_size=64):
         r, col = divmod(i, nrow)
         grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = img
     atomic_write(path, Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save)
+    return grid

@@ -1,7 +1,8 @@
 """Run-folder logging under the published names: configure, log, logkv, logkv_mean, dumpkvs, get_dir.
 
 Rank 0 writes `log.txt` and `progress.csv` in the run folder and prints; other ranks stay quiet
-(their key-value means are still averaged across ranks by the caller's reductions, not here).
+(their key-value means are still averaged across ranks by the caller's reductions, not here). Rank 0 also hands each
+row, and the images logged with log_image, to the log backends set with set_backends (cm.log_backends).
 """
 
 import csv
@@ -17,6 +18,7 @@ _kvs = {}
 _means = defaultdict(float)
 _counts = defaultdict(int)
 _csv_keys = None
+_backends = []
 
 
 def run_dir(dir=None):
@@ -46,6 +48,25 @@ def log(*args):
     if _dir is not None:
         with open(os.path.join(_dir, "log.txt"), "a") as f:
             f.write(line + "\n")
+
+
+def set_backends(backends):
+    """Send every row dumped from now on, and every image logged, to `backends` (cm.log_backends) too, on rank 0."""
+    global _backends
+    _backends = list(backends) if dist_util.get_rank() == 0 else []
+
+
+def close_backends():
+    global _backends
+    for backend in _backends:
+        backend.close()
+    _backends = []
+
+
+def log_image(tag, image, step):
+    """A uint8 HWC image to the log backends (the run folder keeps its own PNG: the caller writes it)."""
+    for backend in _backends:
+        backend.image(tag, image, step)
 
 
 def logkv(key, value):
@@ -84,6 +105,8 @@ def dumpkvs(echo=True):
             write_progress(path, _csv_keys, old_rows)
         with open(path, "a", newline="") as f:
             csv.writer(f).writerow([row.get(k, "") for k in _csv_keys])
+    for backend in _backends:
+        backend.scalars(row, row.get("step", 0))
     return row
 
 
@@ -139,7 +162,7 @@ def _is_number(text):
 
 
 def _is_name(text):
-    return bool(text) and not _is_number(text) and text.replace("_", "").replace("-", "").isalnum()
+    return bool(text) and not _is_number(text) and text.replace("_", "").replace("-", "").replace(".", "").isalnum()
 
 
 def _fmt(v):

@@ -53,6 +53,7 @@ class Parameterization:
     samplers = ()  # the --sampler values it is sampled with, the default first
     boundary_condition = False  # sampled with the consistency scalings (create_model_and_diffusion's distillation)
     stored_flags = ()  # flags a checkpoint must agree on beyond cm.checkpoints.UNSEEN_FLAGS
+    t_mid_default = ()  # the intermediate times of its few-step samples when none are given (one-step kinds)
 
     def check_sampler(self, sampler, training_mode):
         if sampler not in self.samplers:
@@ -76,9 +77,9 @@ class Parameterization:
 
 
 class KarrasSigma(Parameterization):
-    def __init__(self, name, description, samplers, boundary_condition):
+    def __init__(self, name, description, samplers, boundary_condition, t_mid_default=()):
         self.name, self.description, self.samplers = name, description, samplers
-        self.boundary_condition = boundary_condition
+        self.boundary_condition, self.t_mid_default = boundary_condition, t_mid_default
 
     def sampler_steps(self, args):
         if args.sampler != "multistep":
@@ -145,7 +146,9 @@ class LinearFlowMap(JumpsInTime):
 DENOISER = KarrasSigma("denoiser", "an EDM-style denoiser D(x, sigma), sampled with heun, euler, dpm, ancestral or progdist",
                        ("heun", "euler", "dpm", "ancestral", "progdist"), boundary_condition=False)
 CONSISTENCY = KarrasSigma("consistency", "a consistency model f(x, sigma) with the boundary condition, sampled with "
-                          "onestep or multistep", ("onestep", "multistep"), boundary_condition=True)
+                          "onestep or multistep", ("onestep", "multistep"), boundary_condition=True,
+                          t_mid_default=(0.821,))  # (iCT's and ECT's CIFAR-10 two-step level; evaluation only: the
+                          # sampling script's multistep takes --ts or --t_mid)
 TRIGFLOW = TrigFlow()
 FLOW_MAP = LinearFlowMap()
 PARAMETERIZATIONS = {p.name: p for p in (DENOISER, CONSISTENCY, TRIGFLOW, FLOW_MAP)}

@@ -1,20 +1,36 @@
 """Training curves from `progress.csv` files as a PNG, drawn with Pillow (no plotting library needed)."""
 
-import csv
+import re
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from .atomic import atomic_write
+from .logger import read_progress
 
 COLORS = ("navy", "firebrick", "darkgreen", "darkorange", "purple", "teal", "olive", "magenta")
 
 
-def read_column(progress_csv, key):
-    """(steps, values) of one logged value; rows without it are skipped."""
-    with open(progress_csv, newline="") as f:
-        rows = [(float(r["step"]), float(r[key])) for r in csv.DictReader(f) if r.get(key) not in (None, "")]
-    return np.array(rows, dtype=np.float64).reshape(-1, 2).T
+# the columns of the evaluations during training (evaluations/during_training.py): METRIC_NSTEP_LABEL
+EVAL_COLUMN = re.compile(r"^(?P<metric>\w+?)_(?P<steps>\d+)step_(?P<network>ema[0-9.e-]+|model)$")
+DEFAULT_KEYS = ("loss", "grad_norm", "lr")  # what plot_runs draws, then every evaluation column
+
+
+def read_columns(progress_csv, keys, x="samples"):
+    """{key: (x values, values)} of logged values against the column `x`; rows without a key are skipped for it."""
+    _, rows = read_progress(progress_csv)
+    out = {}
+    for key in keys:
+        pairs = [(float(r[x]), float(r[key])) for r in rows if r.get(key, "") != "" and r.get(x, "") != ""]
+        out[key] = tuple(np.array(pairs, dtype=np.float64).reshape(-1, 2).T)
+    return out
+
+
+def eval_columns(progress_csv):
+    """The evaluation columns of a progress.csv, in the order metric, network, steps."""
+    keys, _ = read_progress(progress_csv)
+    found = [(m["metric"], m["network"], int(m["steps"]), k) for k in keys if (m := EVAL_COLUMN.match(k))]
+    return [k for *_, k in sorted(found)]
 
 
 def panels_png(panels, path, title="", x_label="step", log_x=False, width=640, panel_height=200, pad=48):
@@ -58,8 +74,13 @@ def panels_png(panels, path, title="", x_label="step", log_x=False, width=640, p
     return drawn
 
 
-def curves_png(runs, keys, path, title=""):
-    """Logged values against steps: one panel per key in `keys`, one line per run ({label: progress.csv})."""
-    columns = {label: {key: read_column(csv_path, key) for key in keys} for label, csv_path in runs.items()}
-    panels = [(key, {label: tuple(columns[label][key]) for label in runs if columns[label][key].shape[1]}) for key in keys]
-    return panels_png(panels, path, title=title)
+def curves_png(runs, path, keys=None, x="samples", title=""):
+    """Logged values against `x` (samples: training images; or step) in one PNG, one panel per key, one line per run
+    ({label: progress.csv}); `keys` default: DEFAULT_KEYS and every evaluation column any run has. Returns the number
+    of lines drawn (no file when 0)."""
+    if keys is None:
+        found = [k for csv_path in runs.values() for k in eval_columns(csv_path)]
+        keys = list(DEFAULT_KEYS) + list(dict.fromkeys(found))
+    columns = {label: read_columns(csv_path, keys, x) for label, csv_path in runs.items()}
+    panels = [(key, {label: columns[label][key] for label in runs if len(columns[label][key][0])}) for key in keys]
+    return panels_png(panels, path, title=title, x_label="images" if x == "samples" else x)

@@ -11,6 +11,7 @@ from . import dist_util, logger
 from .atomic import atomic_write_text
 from .checkpoints import MODEL_FILE
 from .image_datasets import latent_dataset_info, load_data
+from .log_backends import open_backends, parse_backends
 from .networks import NETWORKS
 from .phema import std_to_exp
 from .precision import resolve_precision_args
@@ -32,6 +33,7 @@ def check_training_flags(args, method_cls, model_kwargs):
     ema_rates(args)
     optimizer_flags(args)
     phema_flags(args)
+    parse_backends(args.log_backends)
 
 
 def check_latent_data(args):
@@ -64,6 +66,7 @@ NUMBER_RANGES = {
     "fp16_scale_growth": NON_NEGATIVE, "dropout": FRACTION, "teacher_dropout": FRACTION, "fourier_scale": POSITIVE,
     "p_std": POSITIVE, "ect_k": NON_NEGATIVE, "jvp_eps": POSITIVE, "tangent_norm_c": NON_NEGATIVE,
     "tangent_warmup_steps": NON_NEGATIVE, "time_inputs": POSITIVE, "lr_warmup_steps": NON_NEGATIVE,
+    "eval_interval": NON_NEGATIVE, "eval_samples": POSITIVE, "eval_batch_size": NON_NEGATIVE,
 }
 
 
@@ -148,6 +151,7 @@ def start_run(args, method_cls, model_kwargs):
     if dist_util.get_rank() == 0:
         text = json.dumps(config, indent=2, sort_keys=True, default=str)
         atomic_write_text(os.path.join(logger.get_dir(), "config.json"), text)
+        logger.set_backends(open_backends(parse_backends(args.log_backends), folder, config))
     return config
 
 

@@ -154,16 +154,24 @@ def load_sampling_model(args, state=None):
     here), on this rank's device, in eval mode, its torso in the precision chosen for this device (cm.precision;
     resolved into the flags)."""
     resolve_precision_args(args, dist_util.dev(), log=logger.log)
+    if args.model_path:
+        logger.log(f"loading {args.model_path}")
+        state = read_sampling_weights(args) if state is None else state
+    else:
+        logger.log("no --model_path: sampling from a randomly initialised model (pipeline smoke test)")
+    return build_sampling_model(args, state, args.model_path)
+
+
+def build_sampling_model(args, state, source):
+    """load_sampling_model's model and denoiser, its precision already resolved in `args`, with the weights `state`
+    (None: as initialised) from `source` (named in errors)."""
     kind = parameterization(args.training_mode)
     model, diffusion = create_model_and_diffusion(
         **args_to_dict(args, model_and_diffusion_defaults().keys()), distillation=kind.boundary_condition
     )
     diffusion = kind.sampling_denoiser(diffusion, args)
-    if args.model_path:
-        logger.log(f"loading {args.model_path}")
-        load_model_weights(model, args.model_path, read_sampling_weights(args) if state is None else state)
-    else:
-        logger.log("no --model_path: sampling from a randomly initialised model (pipeline smoke test)")
+    if state is not None:
+        load_model_weights(model, source, state)
     model.to(dist_util.dev())
     if args.use_fp16:
         model.convert_to_fp16()
@@ -233,11 +241,15 @@ def read_shards(shard_dir, settings):
     return images, labels, done
 
 
+class NonFiniteSamples(ValueError):
+    """A model's samples hold inf/NaN."""
+
+
 def check_finite_samples(sample):
     """One clear error, on every rank, when any rank's samples hold inf/NaN (as uint8 they would be black)."""
     bad = dist_util.all_reduce_mean((~torch.isfinite(sample)).any().float().reshape(1))
     if bad.item() > 0:
-        raise ValueError("the model gives non-finite samples (inf/NaN), so nothing is saved: its weights are broken "
+        raise NonFiniteSamples("the model gives non-finite samples (inf/NaN), so nothing is saved: its weights are broken "
                          "(a diverged run?) or its flags do not match it (--training_mode, --c_noise, --time_input)")
 
 

@@ -212,6 +212,16 @@ def train_defaults():
         progress=True,  # progress bar (log tables then go to log.txt and progress.csv only)
         channels_last=False,  # fast path: run the networks in the channels_last (NHWC) memory format
         compile=False,  # fast path: torch.compile the networks (compiles on the first steps)
+        log_backends="csv",  # where logged values go: csv (progress.csv, always) plus tensorboard, wandb
+        eval_interval=0,  # steps between evaluations during training (0: none; the last step is evaluated too)
+        eval_ref="",  # their reference: an .npz batch (images or Inception statistics), an EDM2 .pkl, or digits
+        eval_features="inception",  # their feature network: inception (FID) | dinov2 (FD-DINOv2) | digits | random
+        eval_features_path="",  # its weight file (default: the torch hub cache, else a download)
+        eval_samples=10000,  # samples per evaluation, the same seeds every time (docs/training.md: sizing it)
+        eval_steps="",  # sampling steps evaluated, e.g. 1,2 (empty: 1,2 for one-step models, 18 Heun steps for EDM)
+        eval_t_mid="",  # the intermediate times of multistep evaluations (empty: the parameterization's default)
+        eval_ema="",  # the sampling EMAs evaluated, rates of --ema_rate and/or "model" (empty: every rate)
+        eval_batch_size=0,  # samples per process per round (0: the per-process training batch)
     )
 
 

@@ -213,9 +213,11 @@ class LoopSettings:
 
 class TrainLoop:
     """Trains `model` by `method` (a cm.methods.TrainingMethod, its extra networks already built) on `data` with
-    `settings` (LoopSettings); `config` (the run's resolved flags) is stored in every checkpoint."""
+    `settings` (LoopSettings); `config` (the run's resolved flags) is stored in every checkpoint. `evaluation` (e.g.
+    evaluations.during_training.TrainingEvaluation, or None) measures the sampling networks when due(step, last):
+    run(step, {label: () -> state dict}) returns the {column: value} logged at that step."""
 
-    def __init__(self, *, model, method, data, settings, config=None):
+    def __init__(self, *, model, method, data, settings, config=None, evaluation=None):
         s = settings
         self.model = model
         self.method = method
@@ -269,6 +271,10 @@ class TrainLoop:
         method.setup(self.method_context(), bool(resume_path))
         if resume_path:
             self.checkpoints.restore(resume_path, self.step, self._loop_files())
+        self.evaluation = evaluation
+        if evaluation is not None:
+            with self.forked_rng():  # (building its networks draws random weights)
+                evaluation.prepare(self.batch_size)
 
     # ---- construction and resume ------------------------------------------------------------
 
@@ -381,6 +387,7 @@ class TrainLoop:
         try:
             self._run_loop()
         finally:
+            logger.close_backends()
             release_run_folder(logger.get_dir())  # (a run started by run_setup.start_run holds it)
 
     def _run_loop(self):
@@ -398,11 +405,17 @@ class TrainLoop:
             self.batches_consumed += 1
             took = self.run_step(batch, cond)
             bar.update(int(took))
+            # (before the checkpoint of this step: a run killed while evaluating resumes before it, and evaluates again)
+            evaluated = took and self.evaluate_if_due()
             if took and self.step % self.log_interval == 0:
                 self._check_finite()
                 rate = (self.step - start_step) * self.global_batch / max(time.time() - start, 1e-9)
                 row = self.log_step(rate)
                 bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", img_per_s=f"{rate:.1f}")
+            elif evaluated:  # a row of its own: the step and the metrics
+                logger.logkv("step", self.step)
+                logger.logkv("samples", self.step * self.global_batch)
+                logger.dumpkvs(echo=not self.progress)
             if took and self.save_interval > 0 and self.step % self.save_interval == 0:
                 self.save()
                 last_saved = self.step
@@ -451,6 +464,25 @@ class TrainLoop:
         self._anneal_lr()
         return took
 
+    def evaluate_if_due(self):
+        """Run the evaluation when due at this step, its metrics logged with the step's row; returns whether it ran.
+        It sees copies of the weights and runs with the random streams forked: the run is the same without it."""
+        if self.evaluation is None or not self.evaluation.due(self.step, self.done()):
+            return False
+        self._check_finite()  # (a diverged run stops here, not in its samples)
+        weights = {f"ema{rate}": partial(self.params_state_dict, params) for rate, params in zip(self.ema_rate, self.ema.params)}
+        weights["model"] = partial(self.params_state_dict, self.precision.master_params)
+        with self.forked_rng(), torch.no_grad():
+            metrics = self.evaluation.run(self.step, weights)
+        for key, value in metrics.items():
+            logger.logkv(key, value)
+        return True
+
+    def forked_rng(self):
+        """A context in which the global random streams (CPU, this process's GPU) may be drawn from: they are restored
+        after it."""
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+
     def _track_finite(self, loss):
         if self.precision.mode == "fp16":
             return  # fp16 skips the steps whose gradients overflow instead
@@ -475,7 +507,7 @@ class TrainLoop:
         if self.precision.mode == "fp16" or self.last_inputs is None:
             return  # fp16 skips the steps whose gradients overflow instead
         batch, cond, random_rows = self.last_inputs
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with self.forked_rng():
             with torch.no_grad(), self.precision.autocast(self.device):
                 loss = self.method.losses(self.model, batch, cond, random_rows, self.step - 1)["loss"].float().mean()
         if dist_util.all_reduce_mean((~torch.isfinite(loss)).float()).item() > 0:  # every rank stops, or none

@@ -475,6 +475,14 @@ class Evaluator:
         log("Computing evaluations...")
         return self.metrics(reference, sample_acts, sample_stats, read_labels(sample_npz, len(sample_acts[0])))
 
+    def evaluate_images(self, reference, images: np.ndarray, labels=None) -> dict:
+        """The metrics of a batch of uint8 NHWC images (and their labels, or None) held in memory, against a
+        reference's (read_reference): those of evaluate() on an .npz of them."""
+        batches = (images[i : i + self.batch_size] for i in range(0, len(images), self.batch_size))
+        acts = self.compute_activations(batches)
+        stats = tuple(None if a is None else self.compute_statistics(a) for a in acts)
+        return self.metrics(reference, acts, stats, labels)
+
     def evaluate_repeats(self, ref_npz: str, sample_npzs, repeats: int = 1, log=None) -> dict:
         """The metrics of each of several sample batches (EDM2 reports the minimum over repeated draws): the
         files in `sample_npzs`, or one file cut into `repeats` equal consecutive parts (a remainder dropped).

@@ -21,6 +21,7 @@ from cm.run_setup import loop_settings, per_process_batch, start_run, training_d
 from cm.script_util import (add_flags_by_owner, cm_train_defaults, create_model_and_diffusion, model_and_diffusion_defaults,
                             train_defaults)
 from cm.train_util import TrainLoop
+from evaluations.during_training import training_evaluation
 
 
 def main(argv=None):
@@ -30,6 +31,7 @@ def main(argv=None):
     model_kwargs["distillation"] = method_cls.boundary_condition
     denoiser_kwargs = dict(loss_norm=args.loss_norm, huber_c=None if args.huber_c < 0 else args.huber_c,
                            lpips_vgg_path=args.lpips_vgg_path or None)
+    evaluation = training_evaluation(args, method_cls)  # (its flags checked before anything is written)
     config = start_run(args, method_cls, {**model_kwargs, **denoiser_kwargs})  # checks every flag first
 
     logger.log("creating model and diffusion...")
@@ -59,7 +61,7 @@ def main(argv=None):
     method.build_networks(model, build_teacher if args.teacher_model_path else None)
     logger.log("training...")
     TrainLoop(method=method, model=model, data=data, settings=loop_settings(args, batch_size),
-              config=config).run_loop()
+              config=config, evaluation=evaluation).run_loop()
     logger.log("training complete")
 
 

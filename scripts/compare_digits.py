@@ -374,7 +374,7 @@ def main(argv=None):
         save_grid(np.concatenate(parts), run(f"grid_{kind}.png"), nrow=20)
     scm_runs = {m: os.path.join(equal_steps[m]["run_dir"], "progress.csv") for m in ("sCT", "sCD") if m in equal_steps}
     if scm_runs:
-        curves_png(scm_runs, SCM_CURVES, run("scm_curves.png"), title="sCM training on the digits")
+        curves_png(scm_runs, run("scm_curves.png"), keys=SCM_CURVES, title="sCM training on the digits")
     settings = {"steps": args.steps, "teacher_steps": args.teacher_steps, "teacher_seconds": teacher_seconds,
                 "budget_seconds": budget, "num_samples": args.num_samples, "batch_size": 64,
                 "machine": cpu_model_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}

@@ -13,11 +13,13 @@ from cm.methods import EDM
 from cm.run_setup import loop_settings, per_process_batch, start_run, training_data
 from cm.script_util import add_flags_by_owner, create_model_and_diffusion, model_and_diffusion_defaults, train_defaults
 from cm.train_util import TrainLoop
+from evaluations.during_training import training_evaluation
 
 
 def main(argv=None):
     args = parse_args_with_config(create_argparser(), argv, "edm_train.py")
     model_kwargs = args_to_dict(args, model_and_diffusion_defaults().keys())
+    evaluation = training_evaluation(args, EDM)  # (its flags checked before anything is written)
     config = start_run(args, EDM, model_kwargs)  # checks every flag first
     logger.log("creating model and diffusion...")
     model, diffusion = create_model_and_diffusion(**model_kwargs)
@@ -26,7 +28,7 @@ def main(argv=None):
     data = training_data(args, batch_size)
     logger.log("training...")
     TrainLoop(method=EDM(args, diffusion), model=model, data=data, settings=loop_settings(args, batch_size),
-              config=config).run_loop()
+              config=config, evaluation=evaluation).run_loop()
     logger.log("training complete")
 
 

@@ -11,7 +11,7 @@ from test_scripts import ROOT
 # lowest first; a module may import modules of its own layer or of layers before it
 LAYERS = [
     ("foundation", {"atomic", "cli", "config", "dist_util", "logger", "nn", "random_util", "precision", "fast_paths", "image_io",
-                    "plots", "run_folder", "safe_pickle", "latents"}),
+                    "plots", "run_folder", "safe_pickle", "latents", "log_backends"}),
     ("networks and numerics", {"unet", "networks", "schedule", "denoiser", "trigflow", "flowmap", "jvp", "ema", "phema", "checkpoints", "image_datasets",
                                 "edm2_published"}),
     ("losses and samplers", {"lpips", "losses", "samplers", "editing", "parameterizations"}),

@@ -30,6 +30,11 @@ def train(script, flags, log_dir):
     load_script(script).main(shlex.split(flags) + ["--log_dir", str(log_dir)])
 
 
+def progress_rows(log_dir):
+    with open(os.path.join(log_dir, "progress.csv")) as f:
+        return list(csv.DictReader(f))
+
+
 def losses(log_dir):
     with open(os.path.join(log_dir, "progress.csv")) as f:
         return [float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")]
@@ -188,6 +193,8 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path, launcher, monkeypatc
     if shutil.which(launcher) is None:
         pytest.skip(f"{launcher} not installed")
     flags = TRAIN + " " + CT + " --total_training_steps 6 --log_interval 3 --save_interval 6"
+    if launcher == "mpiexec":  # and the evaluation during training, its samples drawn by both processes
+        flags += " --eval_interval 6 --eval_samples 12 --eval_features digits --eval_ref digits --eval_ema 0.99"
     one = run([sys.executable, "scripts/cm_train.py", *shlex.split(flags), "--log_dir", str(tmp_path / "one")])
     per_process = shlex.split(flags + " --batch_size 8") + ["--log_dir", str(tmp_path / "two")]  # 2 x 8: the global 16
     two = run([*LAUNCHERS[launcher], "scripts/cm_train.py", *per_process])
@@ -195,12 +202,16 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path, launcher, monkeypatc
     assert one.returncode == 0 and two.returncode == 0, two.stderr[:3000] + " ... " + two.stderr[-800:]
     assert_same(state(tmp_path / "one", 6), state(tmp_path / "two", 6), atol=1e-6)
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-5)
+    if launcher == "mpiexec":  # the same 12 samples (up to the rounding of other batch sizes: 16 and 8 per process)
+        fid = [float(rows[-1]["fid_1step_ema0.99"]) for rows in map(progress_rows, (tmp_path / "one", tmp_path / "two"))]
+        assert fid[1] == pytest.approx(fid[0], rel=1e-3)
     # the same command on one process would go on at a global batch of 8: the stored global batch is compared
-    files = {f: (tmp_path / "two" / f).read_bytes() for f in os.listdir(tmp_path / "two")}
+    files = {f: (tmp_path / "two" / f).read_bytes() for f in os.listdir(tmp_path / "two") if (tmp_path / "two" / f).is_file()}
     result = run_in_process("cm_train", per_process[:-2] + ["--total_training_steps", "8"] + per_process[-2:], monkeypatch,
                             capsys)
     assert result.returncode == 1 and "the global batch (processes x per-process batch) 16 -> 8" in result.stderr
-    after = {f: (tmp_path / "two" / f).read_bytes() for f in os.listdir(tmp_path / "two") if f != LOCK_NAME}
+    after = {f: (tmp_path / "two" / f).read_bytes() for f in os.listdir(tmp_path / "two")
+             if f != LOCK_NAME and (tmp_path / "two" / f).is_file()}
     assert after == files  # (the lock is this process's, given back at its exit)
 
 

@@ -74,6 +74,7 @@ class TrainingMethod:
 
     name = ""  # its --training_mode
     parameterization = CONSISTENCY  # what its models are sampled as (cm.parameterizations)
+    sampler = ""  # the sampler evaluations during training use for a denoiser's samples (empty: heun, its first)
     flags = {}  # its own flags, declared here only: {flag: (default, one-line help)} (a subclass inherits them)
     flag_defaults = {}  # flag values it brings (a --config preset and the command line override them)
     boundary_condition = True  # trains with the consistency scalings f(x, sigma_min) = x (CM paper, eq. 3)

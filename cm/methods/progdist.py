@@ -15,6 +15,7 @@ class ProgressiveDistillation(TargetNetworkMethod):
     name = "progdist"
     boundary_condition = False
     parameterization = DENOISER
+    sampler = "progdist"
     needs_teacher = True
     runs_teacher = True
 
