@@ -67,8 +67,10 @@ class WandbBackend:
         self.wandb = wandb
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), dir=folder,
                               name=os.path.basename(os.path.abspath(folder)), id=config.get("run_id"), resume="allow",
-                              settings=wandb.Settings(quiet=True),
-                              config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()})
+                              settings=wandb.Settings(quiet=True))
+        # (a resumed run may change flags that do not define it, e.g. --eval_interval: its config follows)
+        self.run.config.update({k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()},
+                               allow_val_change=True)
 
     def scalars(self, row, step):
         self.run.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=int(step))

@@ -8,7 +8,7 @@ from evaluations.pixel_noise import high_frequency_ratio
 from test_scripts import run_here
 
 
-def test_demo_quick_writes_results_grids_and_loss_curve(tmp_path):
+def test_demo_quick_writes_results_grids_and_curves(tmp_path):
     result = run_here("demo", ["--quick", "True", "--log_dir", str(tmp_path)])  # (as python runs it, one thread)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FID" in result.stdout and "class acc." in result.stdout
@@ -24,5 +24,6 @@ def test_demo_quick_writes_results_grids_and_loss_curve(tmp_path):
         assert f": {target}" in result.stdout, target
     config = json.loads((tmp_path / "train" / "config.json").read_text())
     assert config["precision"] in ("fp32", "bf16") and config["precision_reason"].startswith("auto:")
-    for name in ("samples_onestep/samples_grid.png", "samples_twostep/samples_grid.png", "loss_curve.png", "results.txt"):
+    for name in ("samples_onestep/samples_grid.png", "samples_twostep/samples_grid.png", "curves.png", "results.txt"):
         assert (tmp_path / name).exists(), name
+    assert "fid_2step_ema0.99" in (tmp_path / "train" / "progress.csv").read_text()  # (evaluated at steps 2 and 4)
