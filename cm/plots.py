@@ -14,6 +14,7 @@ COLORS = ("navy", "firebrick", "darkgreen", "darkorange", "purple", "teal", "oli
 # the columns of the evaluations during training (evaluations/during_training.py): METRIC_NSTEP_LABEL
 EVAL_COLUMN = re.compile(r"^(?P<metric>\w+?)_(?P<steps>\d+)step_(?P<network>ema[0-9.e-]+|model)$")
 DEFAULT_KEYS = ("loss", "grad_norm", "lr")  # what plot_runs draws, then every evaluation column
+LOG_SCALE_METRICS = ("fid", "sfid", "fd_dinov2")  # drawn on a log scale: they fall by orders of magnitude
 
 
 def read_columns(progress_csv, keys, x="samples"):
@@ -33,9 +34,10 @@ def eval_columns(progress_csv):
     return [k for *_, k in sorted(found)]
 
 
-def panels_png(panels, path, title="", x_label="step", log_x=False, width=640, panel_height=200, pad=48):
+def panels_png(panels, path, title="", x_label="step", log_x=False, log_y=(), width=640, panel_height=200, pad=48):
     """One panel per (name, {label: (x, y)}) in `panels`, one line per label, the same color for a label in
-    every panel; x on a log scale with `log_x`. Returns the number of lines drawn (nothing is written if 0)."""
+    every panel; x on a log scale with `log_x`, y in the panels named in `log_y` (where every value is positive).
+    Returns the number of lines drawn (nothing is written if 0)."""
     labels = list(dict.fromkeys(label for _, lines in panels for label in lines))
     colors = dict(zip(labels, COLORS * (len(labels) // len(COLORS) + 1)))
     head = 40  # the title, then the legend on a line of its own
@@ -59,13 +61,17 @@ def panels_png(panels, path, title="", x_label="step", log_x=False, width=640, p
         scale = np.log if log_x else (lambda v: v)
         x_lo, x_span = scale(xs.min()), max(np.ptp(scale(xs)), 1e-12)
         lo, hi = float(ys.min()), float(ys.max())
+        y_scale = np.log if name in log_y and lo > 0 else (lambda v: v)
+        y_lo, y_span = y_scale(lo), max(y_scale(hi) - y_scale(lo), 1e-12)
         for label, (x, y) in lines.items():
             px = pad + (scale(x) - x_lo) / x_span * (width - 2 * pad)
-            py = bottom - (y - lo) / max(hi - lo, 1e-12) * (bottom - top)
+            py = bottom - (y_scale(y) - y_lo) / y_span * (bottom - top)
             draw.line(list(zip(px.tolist(), py.tolist())), fill=colors[label], width=2)
             drawn += 1
-        draw.text((4, top), f"{hi:.3g}", fill="black")
-        draw.text((4, bottom - 10), f"{lo:.3g}", fill="black")
+        if y_scale is np.log:
+            draw.text((pad + 4, top + 14), "(log scale)", fill="gray")
+        draw.text((4, top), f"{hi:.4g}", fill="black")
+        draw.text((4, bottom - 10), f"{lo:.4g}", fill="black")
         draw.text((pad, bottom + 4), f"{x_label} {xs.min():g}", fill="black")
         right = f"{x_label} {xs.max():g}"
         draw.text((width - pad - 7 * len(right), bottom + 4), right, fill="black")
@@ -76,11 +82,12 @@ def panels_png(panels, path, title="", x_label="step", log_x=False, width=640, p
 
 def curves_png(runs, path, keys=None, x="samples", title=""):
     """Logged values against `x` (samples: training images; or step) in one PNG, one panel per key, one line per run
-    ({label: progress.csv}); `keys` default: DEFAULT_KEYS and every evaluation column any run has. Returns the number
-    of lines drawn (no file when 0)."""
+    ({label: progress.csv}), the Frechet distances on a log scale; `keys` default: DEFAULT_KEYS and every evaluation
+    column any run has. Returns the number of lines drawn (no file when 0)."""
     if keys is None:
         found = [k for csv_path in runs.values() for k in eval_columns(csv_path)]
         keys = list(DEFAULT_KEYS) + list(dict.fromkeys(found))
     columns = {label: read_columns(csv_path, keys, x) for label, csv_path in runs.items()}
     panels = [(key, {label: columns[label][key] for label in runs if len(columns[label][key][0])}) for key in keys]
-    return panels_png(panels, path, title=title, x_label="images" if x == "samples" else x)
+    distances = [k for k in keys if (m := EVAL_COLUMN.match(k)) and m["metric"] in LOG_SCALE_METRICS]
+    return panels_png(panels, path, title=title, x_label="images" if x == "samples" else x, log_y=distances)

@@ -60,13 +60,13 @@ POSITIVE = (lambda v: v > 0, "positive")
 NON_NEGATIVE = (lambda v: v >= 0, "0 or positive")
 FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 # the range of the number flags that have one and are not checked where they are used (sigma_min/max by the
-# denoiser, start_ema by the curriculum, the optimizer's in optimizer_flags, the lists by their parsers)
+# denoiser, start_ema by the curriculum, the optimizer's in optimizer_flags, the lists by their parsers, the
+# evaluation's by evaluations/during_training.py)
 NUMBER_RANGES = {
     "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "lr_anneal_steps": NON_NEGATIVE, "log_interval": POSITIVE,
     "fp16_scale_growth": NON_NEGATIVE, "dropout": FRACTION, "teacher_dropout": FRACTION, "fourier_scale": POSITIVE,
     "p_std": POSITIVE, "ect_k": NON_NEGATIVE, "jvp_eps": POSITIVE, "tangent_norm_c": NON_NEGATIVE,
     "tangent_warmup_steps": NON_NEGATIVE, "time_inputs": POSITIVE, "lr_warmup_steps": NON_NEGATIVE,
-    "eval_interval": NON_NEGATIVE, "eval_samples": POSITIVE, "eval_batch_size": NON_NEGATIVE,
 }
 
 

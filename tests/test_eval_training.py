@@ -8,6 +8,7 @@ import importlib.util
 import os
 import shlex
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -188,6 +189,36 @@ def test_each_kind_of_model_is_evaluated_with_its_own_sampler():
     assert evaluated_labels("", "0.999,0.9999") == ["ema0.999", "ema0.9999"]
     assert evaluated_labels("0.99990,model", "0.999,0.9999") == ["ema0.9999", "model"]
     assert training_evaluation(flags(eval_interval=0), method_class("edm")) is None
+
+
+@pytest.mark.parametrize("mode, extra", [
+    ("continuous_consistency_training", ""),  # TrigFlow: one step, then through t = 1.1
+    ("meanflow", "--eval_steps 1,3 --eval_t_mid 0.7,0.3"),  # a flow map: jumps
+    ("edm", "--eval_steps 3"),  # a denoiser: Heun
+])
+def test_each_kind_of_model_is_sampled_and_measured(mode, extra, tmp_path):
+    """The evaluation's networks come from the training flags of each parameterization: built, sampled (its own
+    sampler), measured, without the training loop (a random network stands in for the trained one)."""
+    from cm.config import parse_args_with_config
+    from cm.methods import method_class, mode_flag_defaults
+    from cm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+    from conftest import randomize
+    from test_scripts import TINY_FLAGS
+
+    argv = shlex.split(f"{TINY_FLAGS} --training_mode {mode} --eval_interval 1 --eval_ref digits --eval_samples 6 "
+                       f"--eval_features random --ema_rate 0.9 {extra}")
+    args = parse_args_with_config(load_script("cm_train").create_argparser(), argv, "cm_train.py",
+                                  mode_defaults=mode_flag_defaults())
+    evaluation = training_evaluation(args, method_class(mode))
+    logger.configure(str(tmp_path))
+    evaluation.prepare(4)
+    model, _ = create_model_and_diffusion(**{k: getattr(args, k) for k in model_and_diffusion_defaults()},
+                                          distillation=method_class(mode).boundary_condition)
+    state = randomize(model, std=0.02).state_dict()
+    row = evaluation.run(1, {"ema0.9": lambda: state})
+    counts = [int(c) for c in (args.eval_steps or "1,2").split(",")]
+    assert {f"fid_{n}step_ema0.9" for n in counts} <= set(row) and all(np.isfinite(v) for v in row.values())
+    assert row[f"fid_{counts[0]}step_ema0.9"] != row[f"fid_{counts[-1]}step_ema0.9"] or len(counts) == 1
 
 
 @pytest.mark.parametrize("overrides, message", [
