@@ -131,7 +131,7 @@ class TrainingEvaluation:
                         denoiser, model, kind=self.kind, num_samples=self.num_samples, batch_size=ns.batch_size,
                         image_size=ns.image_size, sampler=ns.sampler, steps=ns.steps, ts=ns.sampled_with["ts"],
                         t_mid=ns.sampled_with["t_mid"], generator=ns.generator, seed=ns.seed, class_cond=ns.class_cond,
-                        num_classes=ns.num_classes, progress=False, **sample_kwargs(ns), **self.latent)
+                        num_classes=ns.num_classes, progress=self.args.progress, **sample_kwargs(ns), **self.latent)
                 except NonFiniteSamples:
                     logger.log(f"evaluation at step {step}: the {label} network's {count}-step samples hold inf/NaN")
                     images = classes = None

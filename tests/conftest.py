@@ -1,9 +1,10 @@
+import os
 import pytest
 import torch
 
 from cm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
-torch.set_num_threads(2)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)  # (two workers: a core each)
 
 
 def tiny_config(**overrides):

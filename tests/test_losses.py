@@ -172,7 +172,8 @@ def test_lpips_distance_upsamples_and_maps_to_unit_range():
     a, b = torch.full((1, 3, 16, 16), -1.0), torch.full((1, 3, 16, 16), 1.0)
     d = distance(a, b, "lpips", lpips_fn=fake_lpips)
     x, y = seen[0]
-    assert x.shape == (1, 3, 224, 224) and x.min() == 0 and y.max() == 1
+    # (bilinear weights sum to 1 up to rounding: -5.96e-8 on one thread)
+    assert x.shape == (1, 3, 224, 224) and abs(x.min()) < 1e-6 and abs(y.max() - 1) < 1e-6
     assert d.item() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="LPIPS"):
         distance(a, b, "lpips")
