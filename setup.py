@@ -35,7 +35,8 @@ setup(
         "torch-fidelity>=0.3.0",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist>=3", "ruff>=0.4", "diffusers>=0.25", "safetensors>=0.4", "tensorboard>=2.10", "wandb>=0.15"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "ruff>=0.4", "diffusers>=0.25", "safetensors>=0.4", "tensorboard>=2.10",
+                 "wandb>=0.15"],
         "diffusers": ["diffusers>=0.25", "safetensors>=0.4"],
         "logging": ["tensorboard>=2.10", "wandb>=0.15"],
     },
