@@ -35,7 +35,9 @@ case "$name" in
     sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
     echo
     python - <<'PY'
+import signal
 from cm.config import load_preset, preset_names
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # (`bash launch.sh list | head`: stop quietly when the reader does)
 for name in preset_names():
     preset = load_preset(name)
     print(f"{name:40s} {preset['script']:18s} {preset.get('description', '')}")

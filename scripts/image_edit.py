@@ -45,6 +45,7 @@ from cm.editing import (
 from cm.image_datasets import UnreadableImage, collate, open_dataset
 from cm.image_io import save_grid, save_npz, to_uint8_nhwc
 from cm.random_util import get_generator
+from cm.run_folder import lock_run_folder, release_run_folder
 from cm.methods import parameterization
 from cm.parameterizations import check_grid_indices, parse_int_list
 from cm.sample_util import (
@@ -154,7 +155,9 @@ def main(argv=None):
 
     device = dist_util.dev()
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    logger.configure(args.log_dir or None)
+    folder = logger.run_dir(args.log_dir or None)
+    lock_run_folder(folder)  # one editing run per folder: two would write the same files
+    logger.configure(folder)
     if num < args.num_images:
         logger.log(f"warning: {args.data_dir} has {num} images; editing all of them, not {args.num_images}")
     if args.ts == "":
@@ -207,6 +210,7 @@ def main(argv=None):
     if rank == 0:
         save_outputs(args, num, inputs, results, degraded_all, labels_all)
     dist_util.barrier()
+    release_run_folder(folder)
 
 
 def make_distiller(model, diffusion, model_kwargs, clip_denoised):

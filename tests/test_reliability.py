@@ -413,3 +413,11 @@ def test_sampling_onto_a_full_disk_stops_in_one_line_and_a_rerun_finishes(tmp_pa
 
 def test_a_sampling_folder_in_use_is_refused(tmp_path, monkeypatch, capsys):
     refused_while_held(tmp_path / "s", lambda f: sample_run("", f, monkeypatch, capsys))
+
+
+def test_an_editing_folder_in_use_is_refused_and_given_back(tmp_path, monkeypatch, capsys):
+    argv = [*shlex.split(TINY_FLAGS), "--task", "colorization", "--data_dir", "digits", "--num_images", "2",
+            "--training_mode", "consistency_training", "--steps", "10", "--ts", "0,9", "--log_dir"]
+    refused_while_held(tmp_path / "e", lambda f: run_in_process("image_edit", [*argv, str(f)], monkeypatch, capsys))
+    load_script("image_edit").main([*argv, str(tmp_path / "f")])
+    assert (tmp_path / "f" / "edit_colorization.npz").exists() and not (tmp_path / "f" / LOCK_NAME).exists()
