@@ -104,8 +104,12 @@ def test_a_latent_run_resumes_exactly_and_samples_decoded_images(tiny_vae, image
     flags = LATENT.replace("--data_dir digits", f"--data_dir {tmp_path / 'latents'}") + f" --latent_vae {tiny_vae}"
     main(shlex.split(flags + f" --total_training_steps 3 --log_dir {tmp_path / 'run'}"))
     main(shlex.split(flags + f" --total_training_steps 6 --log_dir {tmp_path / 'run'}"))
-    main(shlex.split(flags + f" --total_training_steps 6 --log_dir {tmp_path / 'straight'}"))
+    # (straight through, evaluated at its last step on decoded samples: the same weights)
+    evaluated = " --eval_interval 6 --eval_samples 4 --eval_features digits --eval_ref digits --eval_ema 0.9"
+    main(shlex.split(flags + evaluated + f" --total_training_steps 6 --log_dir {tmp_path / 'straight'}"))
     assert_same(state(tmp_path / "run", 6), state(tmp_path / "straight", 6))
+    assert "fid_2step_ema0.9" in (tmp_path / "straight" / "progress.csv").read_text()
+    assert Image.open(tmp_path / "straight" / "eval" / "1step_ema0.9_000006.png").mode == "RGB"  # decoded pixels
     load_script("image_sample").main(shlex.split(
         f"--precision fp32 --sampler onestep --num_samples 4 --batch_size 4 --model_path {tmp_path / 'run' / 'model000006.pt'} "
         f"--log_dir {tmp_path / 'samples'}"))  # the file says it is a latent model of that VAE: decoded to 16x16 RGB
