@@ -18,11 +18,13 @@ LOG_SCALE_METRICS = ("fid", "sfid", "fd_dinov2")  # drawn on a log scale: they f
 
 
 def read_columns(progress_csv, keys, x="samples"):
-    """{key: (x values, values)} of logged values against the column `x`; rows without a key are skipped for it."""
+    """{key: (x values, values)} of logged values against the column `x`; rows without a key, or with a value that is
+    not finite (an evaluation whose samples held inf/NaN), are skipped for it."""
     _, rows = read_progress(progress_csv)
     out = {}
     for key in keys:
         pairs = [(float(r[x]), float(r[key])) for r in rows if r.get(key, "") != "" and r.get(x, "") != ""]
+        pairs = [p for p in pairs if np.isfinite(p).all()]
         out[key] = tuple(np.array(pairs, dtype=np.float64).reshape(-1, 2).T)
     return out
 

@@ -246,3 +246,11 @@ def test_a_missing_backend_package_is_one_line_before_the_run_starts(tmp_path, m
     assert not (tmp_path / "x" / "config.json").exists()
     with pytest.raises(ValueError, match="unknown --log_backends mlflow"):
         log_backends.parse_backends("csv,mlflow")
+
+
+def test_curves_skip_the_values_an_evaluation_could_not_measure(tmp_path):
+    from cm.plots import read_columns
+
+    (tmp_path / "progress.csv").write_text("fid_1step_ema0.9,samples,step\n1.5,10,1\nnan,20,2\n,30,3\n2.5,40,4\n")
+    x, y = read_columns(tmp_path / "progress.csv", ["fid_1step_ema0.9"])["fid_1step_ema0.9"]
+    assert x.tolist() == [10, 40] and y.tolist() == [1.5, 2.5]
