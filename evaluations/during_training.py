@@ -109,8 +109,9 @@ class TrainingEvaluation:
         folder = os.path.join(logger.get_dir(), "eval")  # (the sample grids' folder; the digits reference's)
         os.makedirs(folder, exist_ok=True)
         ref = digits_reference_sets(folder)[0] if self.ref == "digits" else self.ref
-        self.evaluator = Evaluator(self.features, device=dist_util.dev(), progress=False, inception_path=self.features_path,
-                                   dinov2_path=self.features_path)
+        # (a progress bar while the reference's features are computed the first time: 50,000 images take minutes)
+        self.evaluator = Evaluator(self.features, device=dist_util.dev(), progress=self.args.progress,
+                                   inception_path=self.features_path, dinov2_path=self.features_path)
         self.reference = self.evaluator.read_reference(ref)
         logger.log(f"evaluation every {self.interval} steps: {self.num_samples} samples of {', '.join(self.labels)} "
                    f"at {', '.join(map(str, self.sampling))} steps against {self.ref} ({self.features} features)")
