@@ -5,6 +5,7 @@ stderr and exit status 1 instead of a traceback; CM_TRACEBACK=1 shows the traceb
 """
 
 import argparse
+import math
 import os
 import sys
 
@@ -17,6 +18,34 @@ class NonFiniteLossError(RuntimeError):
 
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
                    ImportError, NonFiniteLossError)
+
+
+# the ranges of number flags, declared beside the flags by their owners (a method's flag_ranges, a network's RANGES,
+# the loop's in cm.run_setup): (test, words)
+POSITIVE = (lambda v: v > 0, "positive")
+NON_NEGATIVE = (lambda v: v >= 0, "0 or positive")
+FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+FINITE = (math.isfinite, "a finite number")
+
+
+def check_numbers(args, ranges):
+    """Every number flag of `args` finite (argparse reads nan and inf) and in its range of `ranges` ({flag: (test,
+    words)}, FINITE for the others): one line naming the first that is not."""
+    for key, value in sorted(vars(args).items()):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            _check_number(key, value, *ranges.get(key, FINITE))
+
+
+def check_ranges(args, ranges):
+    """The flags of `ranges` ({flag: (test, words)}) that `args` holds, each finite and in its range: one line."""
+    for key in sorted(ranges):
+        if hasattr(args, key):
+            _check_number(key, getattr(args, key), *ranges[key])
+
+
+def _check_number(key, value, test, words):
+    if not (math.isfinite(value) and test(value)):
+        raise ValueError(f"--{key} must be {words}, got {value}")
 
 
 def str2bool(v):

@@ -1,7 +1,6 @@
 """What every training script does first: processes, run folder, seed, resolved config, batch size, data."""
 
 import json
-import math
 import os
 from dataclasses import fields
 
@@ -12,7 +11,8 @@ from .atomic import atomic_write_text
 from .checkpoints import MODEL_FILE
 from .image_datasets import latent_dataset_info, load_data
 from .log_backends import open_backends, parse_backends
-from .networks import NETWORKS
+from .cli import FRACTION, NON_NEGATIVE, POSITIVE, check_numbers
+from .networks import NETWORKS, network_ranges
 from .phema import std_to_exp
 from .precision import resolve_precision_args
 from .run_folder import lock_run_folder, remove_stale_temporaries
@@ -24,7 +24,7 @@ def check_training_flags(args, method_cls, model_kwargs):
     """Every flag checked before the run folder is touched (start_run, once the precision and the processes are
     known): the numbers, the network and denoiser built on the meta device (no memory, no weights) from
     `model_kwargs`, the method's flags, the batch, the averages and the optimizer's."""
-    check_numbers(args)
+    check_numbers(args, {**NUMBER_RANGES, **network_ranges(), **method_cls.flag_ranges})
     check_latent_data(args)
     with torch.device("meta"):
         create_model_and_diffusion(**model_kwargs)
@@ -56,28 +56,13 @@ def check_latent_data(args):
                          + ", ".join(f"--{k} {getattr(args, k)!r}" for k in wrong) + ")")
 
 
-POSITIVE = (lambda v: v > 0, "positive")
-NON_NEGATIVE = (lambda v: v >= 0, "0 or positive")
-FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
-# the range of the number flags that have one and are not checked where they are used (sigma_min/max by the
-# denoiser, start_ema by the curriculum, the optimizer's in optimizer_flags, the lists by their parsers, the
-# evaluation's by evaluations/during_training.py)
+# the ranges of the loop's and the scripts' number flags that are not checked where they are used (sigma_min/max by
+# the denoiser, start_ema by the curriculum, the optimizer's in optimizer_flags, the lists by their parsers, the
+# evaluation's by evaluations/during_training.py); a method's and a network's own flags have theirs beside them
 NUMBER_RANGES = {
     "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "lr_anneal_steps": NON_NEGATIVE, "log_interval": POSITIVE,
-    "fp16_scale_growth": NON_NEGATIVE, "dropout": FRACTION, "teacher_dropout": FRACTION, "fourier_scale": POSITIVE,
-    "p_std": POSITIVE, "ect_k": NON_NEGATIVE, "jvp_eps": POSITIVE, "tangent_norm_c": NON_NEGATIVE,
-    "tangent_warmup_steps": NON_NEGATIVE, "time_inputs": POSITIVE, "lr_warmup_steps": NON_NEGATIVE,
+    "fp16_scale_growth": NON_NEGATIVE, "teacher_dropout": FRACTION, "lr_warmup_steps": NON_NEGATIVE,
 }
-
-
-def check_numbers(args):
-    """Every number flag finite (argparse reads nan and inf) and in its NUMBER_RANGES range: one line naming it."""
-    for key, value in sorted(vars(args).items()):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        test, words = NUMBER_RANGES.get(key, (math.isfinite, "a finite number"))
-        if not (math.isfinite(value) and test(value)):
-            raise ValueError(f"--{key} must be {words}, got {value}")
 
 
 def run_defining_flags():

@@ -86,8 +86,14 @@ def test_temporaries_of_other_processes_are_removed(tmp_path):
     ("--scale_mode progressive --target_ema_mode adaptive --start_scales 40 --end_scales 2", "--start_scales <= --end_scales"),
     ("--total_training_steps 0", "--total_training_steps must be at least 1"),
     ("--image_size 17", "--image_size 17 cannot be halved 1 times"),
-    ("--jvp_eps 0", "--jvp_eps must be positive, got 0.0"),
-    ("--p_std nan", "--p_std must be positive, got nan"),
+    # (each flag's range is declared beside it: the method's, the network's, the loop's)
+    ("--training_mode continuous_consistency_training --jvp_eps 0", "--jvp_eps must be positive, got 0.0"),
+    ("--training_mode improved_consistency_training --p_std nan", "--p_std must be positive, got nan"),
+    ("--p_std nan", "--p_std must be a finite number, got nan"),  # (CT draws no lognormal levels)
+    ("--dropout 1.5", "--dropout must be in [0, 1), got 1.5"),
+    ("--training_mode truncated_consistency_training --tcm_stage1 x.pt --tcm_boundary_share 1", "--tcm_boundary_share "
+     "must be in [0, 1), got 1.0"),
+    ("--lr 0", "--lr must be positive, got 0.0"),
     ("--huber_c inf", "--huber_c must be a finite number, got inf"),
     ("--attention_resolutions 3", "--attention_resolutions 3: a 16x16 network with 2 levels (--channel_mult) has the "
      "resolutions 16,8"),

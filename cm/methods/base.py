@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from ..cli import POSITIVE, check_ranges
 from ..jvp import JVP_METHODS
 from ..parameterizations import CONSISTENCY
 
@@ -38,12 +39,14 @@ LOGNORMAL_FLAGS = dict(
     p_mean=(-1.1, "lognormal noise levels ln(sigma) ~ N(p_mean, p_std^2): the mean"),
     p_std=(2.0, "the lognormal's standard deviation"),
 )
+LOGNORMAL_RANGES = {"p_std": POSITIVE}
 
 # the time derivative of the network that sCM's tangent and the flow map's target take (cm/jvp.py), declared once for both
 JVP_FLAGS = dict(
     jvp=("forward", "dF/dt: forward (torch.func.jvp) | finite_diff"),
     jvp_eps=(1e-3, "the step of --jvp finite_diff (in t; x moves by eps dx/dt)"),
 )
+JVP_RANGES = {"jvp_eps": POSITIVE}
 
 
 def check_jvp_flags(mode, args):
@@ -76,6 +79,9 @@ class TrainingMethod:
     parameterization = CONSISTENCY  # what its models are sampled as (cm.parameterizations)
     sampler = ""  # the sampler evaluations during training use for a denoiser's samples (empty: heun, its first)
     flags = {}  # its own flags, declared here only: {flag: (default, one-line help)} (a subclass inherits them)
+    # the ranges of those number flags that have one, {flag: (test, words)} (cm.cli.POSITIVE, ...): checked with every
+    # number flag before a run starts (cm.run_setup), and by check_flags
+    flag_ranges = {}
     flag_defaults = {}  # flag values it brings (a --config preset and the command line override them)
     boundary_condition = True  # trains with the consistency scalings f(x, sigma_min) = x (CM paper, eq. 3)
     trains_without_end = False  # --total_training_steps 0 runs until stopped (EDM, as published)
@@ -84,6 +90,7 @@ class TrainingMethod:
     @classmethod
     def check_flags(cls, args):
         """One clear error for flags the method cannot run with (before anything is built)."""
+        check_ranges(args, cls.flag_ranges)
         if cls.needs_teacher and not getattr(args, "teacher_model_path", ""):
             raise ValueError(f"--training_mode {cls.name} needs --teacher_model_path (an EDM checkpoint)")
         if not cls.trains_without_end and getattr(args, "total_training_steps", 1) < 1:

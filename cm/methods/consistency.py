@@ -6,7 +6,7 @@ import torch
 
 from ..losses import consistency_loss
 from ..schedule import index_to_sigma, inverse_cdf_indices, lognormal_index_probabilities
-from .base import LOGNORMAL_FLAGS
+from .base import LOGNORMAL_FLAGS, LOGNORMAL_RANGES
 from .target import TargetNetworkMethod
 
 
@@ -55,6 +55,7 @@ class ImprovedConsistencyTraining(ConsistencyTraining):
     # Song & Dhariwal 2023, Table 1: no target EMA, pseudo-Huber, exponential curriculum s0 = 10, s1 = 1280,
     # weighting 1 / (sigma_{i+1} - sigma_i) (the lognormal noise levels come with the method itself)
     flags = LOGNORMAL_FLAGS
+    flag_ranges = LOGNORMAL_RANGES
     flag_defaults = dict(
         target_ema_mode="fixed", start_ema=0.0, scale_mode="exponential", start_scales=10, end_scales=1280,
         loss_norm="pseudo-huber", weight_schedule="inverse-step",

@@ -4,7 +4,8 @@ network switches to the boundary-condition scalings only to sample)."""
 
 from ..losses import ect_loss
 from ..schedule import ect_r, ect_stage, lognormal_sigmas
-from .base import LOGNORMAL_FLAGS
+from ..cli import NON_NEGATIVE
+from .base import LOGNORMAL_FLAGS, LOGNORMAL_RANGES
 from .target import TargetNetworkMethod
 
 
@@ -22,6 +23,7 @@ class EasyConsistencyTuning(TargetNetworkMethod):
         ect_stage_steps=(25000, "d: a stage lasts this many steps (published CIFAR-10: 25k at batch 128)"),
         ect_ratio_limit=(1.0, "cap of the ratio 1 - 1 / q^(stage + 1) (1: none, as the ECT paper; NVlabs/TCM: 0.999)"),
     )
+    flag_ranges = {**LOGNORMAL_RANGES, "ect_k": NON_NEGATIVE}
     flag_defaults = dict(
         target_ema_mode="fixed", start_ema=0.0, loss_norm="pseudo-huber", huber_c=0.0, weight_schedule="inverse-step",
     )

@@ -24,7 +24,8 @@ from ..jvp import network_jvp
 from ..nn import append_dims
 from ..parameterizations import FLOW_MAP
 from ..random_util import rng_states, set_rng_states
-from .base import JVP_FLAGS, TrainingMethod, check_jvp_flags
+from ..cli import FRACTION, NON_NEGATIVE, POSITIVE
+from .base import JVP_FLAGS, JVP_RANGES, TrainingMethod, check_jvp_flags
 
 
 class MeanFlow(TrainingMethod):
@@ -46,6 +47,8 @@ class MeanFlow(TrainingMethod):
         meanflow_cfg_t_max=(1.0, "guidance only for t <= this"),
         **JVP_FLAGS,
     )
+    flag_ranges = {**JVP_RANGES, "meanflow_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"), "meanflow_p_std": POSITIVE,
+                   "meanflow_norm_p": NON_NEGATIVE, "meanflow_norm_c": POSITIVE, "meanflow_class_dropout": FRACTION}
     flag_defaults = dict(time_inputs=2, dropout=0.2)
 
     @classmethod
@@ -55,15 +58,6 @@ class MeanFlow(TrainingMethod):
             raise ValueError(f"--training_mode {cls.name} conditions the network on two times (t, t - r): pass "
                              f"--time_inputs 2, got {getattr(args, 'time_inputs', 1)}")
         check_jvp_flags(cls.name, args)
-        for flag, valid, words in (
-            ("meanflow_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
-            ("meanflow_p_std", lambda v: v > 0, "positive"),
-            ("meanflow_norm_p", lambda v: v >= 0, "0 or positive"),
-            ("meanflow_norm_c", lambda v: v > 0, "positive"),
-            ("meanflow_class_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-        ):
-            if not valid(getattr(args, flag)):
-                raise ValueError(f"--{flag} must be {words}, got {getattr(args, flag)}")
         if not 0 <= args.meanflow_cfg_t_min <= args.meanflow_cfg_t_max <= 1:
             raise ValueError("--meanflow_cfg_t_min and --meanflow_cfg_t_max must satisfy 0 <= t_min <= t_max <= 1, got "
                              f"{args.meanflow_cfg_t_min} and {args.meanflow_cfg_t_max}")

@@ -26,7 +26,8 @@ from ..parameterizations import TRIGFLOW
 from ..random_util import rng_states, set_rng_states
 from ..jvp import network_jvp
 from ..trigflow import TrigFlowDenoiser, diffuse, lognormal_t, sigma_of_t, t_of_sigma
-from .base import JVP_FLAGS, LOGNORMAL_FLAGS, TrainingMethod, check_jvp_flags, start_from_teacher
+from ..cli import NON_NEGATIVE
+from .base import JVP_FLAGS, JVP_RANGES, LOGNORMAL_FLAGS, LOGNORMAL_RANGES, TrainingMethod, check_jvp_flags, start_from_teacher
 
 WEIGHTINGS = ("adaptive", "prior")
 
@@ -67,6 +68,7 @@ class ContinuousConsistencyTraining(TrainingMethod):
         **JVP_FLAGS,
         scm_weighting=("adaptive", "the loss weighting: adaptive (learned w(t)) | prior (1 / (sigma_d tan t))"),
     )
+    flag_ranges = {**LOGNORMAL_RANGES, **JVP_RANGES, "tangent_warmup_steps": NON_NEGATIVE, "tangent_norm_c": NON_NEGATIVE}
     flag_defaults = dict(time_input="identity", double_norm=True, use_scale_shift_norm=True, p_mean=-1.0, p_std=1.6)
 
     @classmethod

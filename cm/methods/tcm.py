@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from scipy import stats
 
+from ..cli import FRACTION, NON_NEGATIVE, POSITIVE
 from ..checkpoints import load_model_weights, read_model_state, stored_training_mode
 from ..denoiser import network_time
 from ..fast_paths import apply_fast_paths
@@ -40,6 +41,8 @@ FLAGS = dict(
     tcm_log_t_std=(0.2, "the Student-t's scale"),
     tcm_log_t_df=(0.01, "the Student-t's degrees of freedom"),
 )
+RANGES = {"tcm_boundary_share": FRACTION, "tcm_boundary_weight": NON_NEGATIVE, "tcm_log_t_std": POSITIVE,
+          "tcm_log_t_df": POSITIVE}
 
 
 def truncated_log_t(uniforms, mean, std, df, low, high):
@@ -84,14 +87,6 @@ class TruncatedConsistency:
                              f"--training_mode {cls.wrapped} run (its model or EMA file)")
         if not 0 < args.tcm_transition < args.sigma_max:
             raise ValueError(f"--tcm_transition must lie in (0, sigma_max = {args.sigma_max}), got {args.tcm_transition}")
-        for flag, valid, words in (
-            ("tcm_boundary_share", lambda v: 0 <= v < 1, "in [0, 1)"),
-            ("tcm_boundary_weight", lambda v: v >= 0, "0 or positive"),
-            ("tcm_log_t_std", lambda v: v > 0, "positive"),
-            ("tcm_log_t_df", lambda v: v > 0, "positive"),
-        ):
-            if not valid(getattr(args, flag)):
-                raise ValueError(f"--{flag} must be {words}, got {getattr(args, flag)}")
 
     def __init__(self, args, diffusion):
         super().__init__(args, diffusion)
@@ -167,5 +162,5 @@ def truncated(inner):
     """The registered stage-2 class of consistency method `inner` (which offers the level hooks, cm/methods/base.py)."""
     return type(f"Truncated{inner.__name__}", (TruncatedConsistency, inner), dict(
         name=f"truncated_{inner.name}", wrapped=inner.name, reads_targets=hasattr(inner, "target"),
-        flags={**inner.flags, **FLAGS}, needs_teacher=runs_teacher(inner),
+        flags={**inner.flags, **FLAGS}, flag_ranges={**inner.flag_ranges, **RANGES}, needs_teacher=runs_teacher(inner),
         __doc__=f"TCM's stage 2 of --training_mode {inner.name} (cm/methods/tcm.py)."))

@@ -17,22 +17,23 @@ from collections import namedtuple
 from . import adm, dit, edm2
 
 Flag = namedtuple("Flag", "default help")
-Network = namedtuple("Network", "build flags")  # build(**own flags) -> module; flags {name: Flag}
+Network = namedtuple("Network", "build flags ranges")  # build(**own flags) -> module; flags {name: Flag}; ranges
 
 NETWORKS = {}
 
 
-def register(name, build, flags):
+def register(name, build, flags, ranges=None):
     """Make `build` (a class, or a function returning a module, taking the network's own keyword arguments) the
-    network --network `name`; `flags` {flag: (default, one-line help)} are those arguments. A flag that another
-    network declares too must have its default (the parsers hold one)."""
+    network --network `name`; `flags` {flag: (default, one-line help)} are those arguments, `ranges` {flag: (test,
+    words)} (cm.cli.POSITIVE, ...) those of its number flags that have one. A flag that another network declares too
+    must have its default (the parsers hold one)."""
     flags = {k: Flag(*v) for k, v in flags.items()}
     for other, net in NETWORKS.items():
         clash = [k for k in flags.keys() & net.flags.keys() if other != name and flags[k].default != net.flags[k].default]
         if clash:
             raise ValueError(f"network {name}: the flags {', '.join(sorted(clash))} of network {other} have other "
                              "defaults there; give them the same defaults, or other names")
-    NETWORKS[name] = Network(build, flags)
+    NETWORKS[name] = Network(build, flags, dict(ranges or {}))
     return build
 
 
@@ -43,9 +44,14 @@ def shared_flags(names):
     return {k: declared[k] for k in names}
 
 
-register("adm", adm.build, adm.FLAGS)
+register("adm", adm.build, adm.FLAGS, adm.RANGES)
 register("edm2", edm2.build, {**shared_flags(edm2.SHARED), **edm2.FLAGS})
 register("dit", dit.build, {**shared_flags(dit.SHARED), **dit.FLAGS})
+
+
+def network_ranges():
+    """{flag: (test, words)}: the ranges the registered networks declare (a flag name means the same in each)."""
+    return {k: r for net in NETWORKS.values() for k, r in net.ranges.items()}
 
 
 def network(name):

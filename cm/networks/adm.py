@@ -1,6 +1,7 @@
 """adm: the U-Net of the published checkpoints (cm/unet.py; ADM, Dhariwal & Nichol 2021), built from the
 published flags, with the same meaning (and cm.script_util.create_model's)."""
 
+from ..cli import FRACTION, POSITIVE
 from ..unet import UNetModel
 
 NUM_CLASSES = 1000  # ImageNet's
@@ -41,6 +42,7 @@ FLAGS = {
     "double_norm": (False, "sCM's adaptive double normalisation of the scale-shift conditioning"),
     "time_inputs": (1, "times the network is conditioned on (a flow map's (t, t - r): 2); timesteps [N x K] when K > 1"),
 }
+RANGES = {"dropout": FRACTION, "fourier_scale": POSITIVE, "time_inputs": POSITIVE}  # (edm2 and dit share them)
 
 
 def parse_channel_mult(channel_mult, image_size):
