@@ -29,6 +29,17 @@ def read_columns(progress_csv, keys, x="samples"):
     return out
 
 
+def best_values(progress_csv, x="samples"):
+    """{column: (best value, its x, last value, its x)} of every evaluation column: the lowest of a Frechet distance,
+    the highest of the others (precision, recall, Inception Score, class accuracy)."""
+    out = {}
+    for key, (xs, ys) in read_columns(progress_csv, eval_columns(progress_csv), x).items():
+        if len(ys):
+            best = int(np.argmin(ys) if EVAL_COLUMN.match(key)["metric"] in LOG_SCALE_METRICS else np.argmax(ys))
+            out[key] = (float(ys[best]), float(xs[best]), float(ys[-1]), float(xs[-1]))
+    return out
+
+
 def eval_columns(progress_csv):
     """The evaluation columns of a progress.csv, in the order metric, network, steps."""
     keys, _ = read_progress(progress_csv)

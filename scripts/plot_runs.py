@@ -1,6 +1,7 @@
 """Training curves of one or several runs in one PNG: loss, gradient norm, learning rate and every metric of the
 evaluations during training (--eval_interval: fid_1step_ema0.9999, ...) against training images, one line per run,
-the legend by run folder name.
+the legend by run folder name; and a table of each evaluation metric's best value (lowest distance, highest
+precision, recall, ...) and last value, by run: which EMA, which step.
 
   python scripts/plot_runs.py runs/ct_a runs/ct_b                       # -> runs_curves.png
   python scripts/plot_runs.py runs/ct_a --keys loss,fid_1step_ema0.9999 --x step --out ct_a.png
@@ -10,7 +11,7 @@ import argparse
 import os
 
 from cm.cli import run_cli
-from cm.plots import curves_png
+from cm.plots import best_values, curves_png
 
 
 def main(argv=None):
@@ -35,6 +36,14 @@ def main(argv=None):
         raise ValueError("nothing to draw: no run has two or more values of the chosen columns"
                          + (f" ({args.keys})" if args.keys else ""))
     print(f"wrote {args.out} ({drawn} lines)")
+    x_name = "images" if args.x == "samples" else "step"
+    for name, path in runs.items():
+        table = best_values(path, args.x)
+        if table:
+            width = max(len(k) for k in table)
+            print(f"{name}: {'metric':{width}s} {'best':>10s} {'at ' + x_name:>14s} {'last':>10s} {'at ' + x_name:>14s}")
+            for key, (best, at, last, last_at) in table.items():
+                print(f"{' ' * len(name)}  {key:{width}s} {best:10.4g} {at:14g} {last:10.4g} {last_at:14g}")
 
 
 if __name__ == "__main__":

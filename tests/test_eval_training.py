@@ -163,6 +163,13 @@ def test_plot_runs_draws_both_runs(runs, tmp_path):
     # loss, grad_norm and lr of both runs, every metric of the evaluated one
     assert f"({2 * 3 + len(columns)} lines)" in result.stdout
     assert Image.open(out).size == (640, 40 + 200 * (3 + len(columns)))
+    # the table: each metric's best (lowest FID, highest recall) and last value, where
+    table = rows(runs / "evaluated")
+    for key, pick in (("fid_1step_ema0.99", min), ("recall_2step_ema0.99", max)):
+        logged = [(float(r[key]), int(r["samples"])) for r in table if r[key]]
+        best = pick(logged, key=lambda pair: pair[0])
+        line = next(line for line in result.stdout.splitlines() if f" {key} " in line).split()
+        assert line[-4:] == [f"{best[0]:.4g}", f"{best[1]:g}", f"{logged[-1][0]:.4g}", f"{logged[-1][1]:g}"], line
 
 
 def flags(**overrides):
