@@ -124,9 +124,10 @@ class TrainingEvaluation:
         {column: value} on rank 0 ({} elsewhere); writes each sample grid to RUN/eval/ and the log backends."""
         start, row = time.time(), {}
         for label in self.labels:
-            state = weights[label]()
+            # (one network for every count: the counts' flags differ in the sampler's only)
+            model, denoiser = build_sampling_model(next(iter(self.sampling.values())), weights[label](),
+                                                   f"the {label} weights at step {step}")
             for count, ns in self.sampling.items():
-                model, denoiser = build_sampling_model(ns, state, f"the {label} weights at step {step}")
                 try:
                     images, classes = generate_samples(
                         denoiser, model, kind=self.kind, num_samples=self.num_samples, batch_size=ns.batch_size,
@@ -136,9 +137,9 @@ class TrainingEvaluation:
                 except NonFiniteSamples:
                     logger.log(f"evaluation at step {step}: the {label} network's {count}-step samples hold inf/NaN")
                     images = classes = None
-                del model
                 if dist_util.get_rank() == 0:
                     row.update(self._measure(step, f"{count}step_{label}", images, classes))
+            del model, denoiser
         if dist_util.get_rank() != 0:
             return {}
         row["eval_seconds"] = time.time() - start
@@ -147,13 +148,13 @@ class TrainingEvaluation:
         return row
 
     def _measure(self, step, name, images, classes):
-        """{METRIC_name: value} of one batch of samples (NaN for every metric when it could not be drawn)."""
+        """{METRIC_name: value} of one batch of samples (the Frechet distance NaN when they could not be drawn)."""
+        renamed = RENAMED.get(self.features, {})
         if images is None:
-            return {f"fid_{name}": float("nan")}
+            return {f"{renamed.get('fid', 'fid')}_{name}": float("nan")}
         grid = save_grid(images[:GRID_IMAGES], os.path.join(logger.get_dir(), "eval", f"{name}_{step:06d}.png"))
         logger.log_image(f"samples/{name}", grid, step)
         metrics = self.evaluator.evaluate_images(self.reference, images, classes)
-        renamed = RENAMED.get(self.features, {})
         return {f"{renamed.get(k, k)}_{name}": float(v) for k, v in metrics.items() if v is not None}
 
 
