@@ -11,16 +11,32 @@ from .logger import read_progress
 COLORS = ("navy", "firebrick", "darkgreen", "darkorange", "purple", "teal", "olive", "magenta")
 
 
-# the columns of the evaluations during training (evaluations/during_training.py): METRIC_NSTEP_LABEL
+# the columns of the evaluations during training (evaluations/during_training.py): METRIC_NSTEP_LABEL, made by
+# eval_column and read back by EVAL_COLUMN; LABEL is ema_label(rate) of a sampling EMA, or "model"
 EVAL_COLUMN = re.compile(r"^(?P<metric>\w+?)_(?P<steps>\d+)step_(?P<network>ema[0-9.e-]+|model)$")
 DEFAULT_KEYS = ("loss", "grad_norm", "lr")  # what plot_runs draws, then every evaluation column
-LOG_SCALE_METRICS = ("fid", "sfid", "fd_dinov2")  # drawn on a log scale: they fall by orders of magnitude
+DISTANCE_METRICS = ("fid", "sfid", "fd_dinov2")  # lower is better; drawn on a log scale: they fall by orders of magnitude
+
+
+def ema_label(rate):
+    """The evaluations' name of the sampling EMA of `rate` (a number or its text): ema0.9999, as the loop's files
+    ema_0.9999_NNNNNN.pt name it (the float's text)."""
+    return f"ema{float(rate)}"
+
+
+def eval_column(metric, steps, label):
+    """The progress.csv column of `metric` of `steps`-step samples of the network `label`: fid_1step_ema0.9999."""
+    return f"{metric}_{steps}step_{label}"
 
 
 def read_columns(progress_csv, keys, x="samples"):
     """{key: (x values, values)} of logged values against the column `x`; rows without a key, or with a value that is
     not finite (an evaluation whose samples held inf/NaN), are skipped for it."""
-    _, rows = read_progress(progress_csv)
+    return columns_of(read_progress(progress_csv)[1], keys, x)
+
+
+def columns_of(rows, keys, x):
+    """read_columns of progress.csv rows (cm.logger.read_progress)."""
     out = {}
     for key in keys:
         pairs = [(float(r[x]), float(r[key])) for r in rows if r.get(key, "") != "" and r.get(x, "") != ""]
@@ -32,17 +48,17 @@ def read_columns(progress_csv, keys, x="samples"):
 def best_values(progress_csv, x="samples"):
     """{column: (best value, its x, last value, its x)} of every evaluation column: the lowest of a Frechet distance,
     the highest of the others (precision, recall, Inception Score, class accuracy)."""
+    keys, rows = read_progress(progress_csv)
     out = {}
-    for key, (xs, ys) in read_columns(progress_csv, eval_columns(progress_csv), x).items():
+    for key, (xs, ys) in columns_of(rows, eval_columns(keys), x).items():
         if len(ys):
-            best = int(np.argmin(ys) if EVAL_COLUMN.match(key)["metric"] in LOG_SCALE_METRICS else np.argmax(ys))
+            best = int(np.argmin(ys) if EVAL_COLUMN.match(key)["metric"] in DISTANCE_METRICS else np.argmax(ys))
             out[key] = (float(ys[best]), float(xs[best]), float(ys[-1]), float(xs[-1]))
     return out
 
 
-def eval_columns(progress_csv):
-    """The evaluation columns of a progress.csv, in the order metric, network, steps."""
-    keys, _ = read_progress(progress_csv)
+def eval_columns(keys):
+    """The evaluation columns among progress.csv's columns `keys`, in the order metric, network, steps."""
     found = [(m["metric"], m["network"], int(m["steps"]), k) for k in keys if (m := EVAL_COLUMN.match(k))]
     return [k for *_, k in sorted(found)]
 
@@ -98,9 +114,9 @@ def curves_png(runs, path, keys=None, x="samples", title=""):
     ({label: progress.csv}), the Frechet distances on a log scale; `keys` default: DEFAULT_KEYS and every evaluation
     column any run has. Returns the number of lines drawn (no file when 0)."""
     if keys is None:
-        found = [k for csv_path in runs.values() for k in eval_columns(csv_path)]
+        found = [k for csv_path in runs.values() for k in eval_columns(read_progress(csv_path)[0])]
         keys = list(DEFAULT_KEYS) + list(dict.fromkeys(found))
     columns = {label: read_columns(csv_path, keys, x) for label, csv_path in runs.items()}
     panels = [(key, {label: columns[label][key] for label in runs if len(columns[label][key][0])}) for key in keys]
-    distances = [k for k in keys if (m := EVAL_COLUMN.match(k)) and m["metric"] in LOG_SCALE_METRICS]
+    distances = [k for k in keys if (m := EVAL_COLUMN.match(k)) and m["metric"] in DISTANCE_METRICS]
     return panels_png(panels, path, title=title, x_label="images" if x == "samples" else x, log_y=distances)

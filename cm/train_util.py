@@ -30,6 +30,7 @@ from .checkpoints import CheckpointIO, Saved, load_model_weights, parse_resume_s
 from .cli import NonFiniteLossError
 from .ema import EMASet
 from .phema import power_beta, std_to_exp
+from .plots import ema_label
 from .run_folder import release_run_folder
 from .fast_paths import apply_fast_paths
 from .methods import MethodContext
@@ -470,7 +471,8 @@ class TrainLoop:
         if self.evaluation is None or not self.evaluation.due(self.step, self.done()):
             return False
         self._check_finite()  # (a diverged run stops here, not in its samples)
-        weights = {f"ema{rate}": partial(self.params_state_dict, params) for rate, params in zip(self.ema_rate, self.ema.params)}
+        weights = {ema_label(rate): partial(self.params_state_dict, params)
+                   for rate, params in zip(self.ema_rate, self.ema.params)}
         weights["model"] = partial(self.params_state_dict, self.precision.master_params)
         with self.forked_rng(), torch.no_grad():
             metrics = self.evaluation.run(self.step, weights)

@@ -19,6 +19,7 @@ from cm import dist_util, logger
 from cm.image_datasets import digits_reference_sets
 from cm.image_io import save_grid
 from cm.parameterizations import parse_int_list
+from cm.plots import ema_label, eval_column
 from cm.sample_util import (NonFiniteSamples, build_sampling_model, check_sampling_args, generate_samples,
                             latent_decoding, sample_kwargs, sampling_argparser)
 from evaluations.evaluator import Evaluator
@@ -138,7 +139,7 @@ class TrainingEvaluation:
                     logger.log(f"evaluation at step {step}: the {label} network's {count}-step samples hold inf/NaN")
                     images = classes = None
                 if dist_util.get_rank() == 0:
-                    row.update(self._measure(step, f"{count}step_{label}", images, classes))
+                    row.update(self._measure(step, count, label, images, classes))
             del model, denoiser
         if dist_util.get_rank() != 0:
             return {}
@@ -147,30 +148,32 @@ class TrainingEvaluation:
                    + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "eval_seconds"))
         return row
 
-    def _measure(self, step, name, images, classes):
-        """{METRIC_name: value} of one batch of samples (the Frechet distance NaN when they could not be drawn)."""
+    def _measure(self, step, count, label, images, classes):
+        """{column: value} of one batch of `count`-step samples of `label` (the Frechet distance NaN when they could
+        not be drawn)."""
         renamed = RENAMED.get(self.features, {})
         if images is None:
-            return {f"{renamed.get('fid', 'fid')}_{name}": float("nan")}
+            return {eval_column(renamed.get("fid", "fid"), count, label): float("nan")}
+        name = f"{count}step_{label}"
         grid = save_grid(images[:GRID_IMAGES], os.path.join(logger.get_dir(), "eval", f"{name}_{step:06d}.png"))
         logger.log_image(f"samples/{name}", grid, step)
         metrics = self.evaluator.evaluate_images(self.reference, images, classes)
-        return {f"{renamed.get(k, k)}_{name}": float(v) for k, v in metrics.items() if v is not None}
+        return {eval_column(renamed.get(k, k), count, label): float(v) for k, v in metrics.items() if v is not None}
 
 
 def evaluated_labels(eval_ema, ema_rate):
     """The networks --eval_ema names ("ema" + a rate of --ema_rate, "model" for the trained weights), or every rate."""
-    def number(text):  # (as the loop names its averages: ema_{float(rate)}_)
+    def label(text):
         try:
-            return str(float(text))
+            return ema_label(text)
         except ValueError:
-            return text
+            return text.strip()
 
-    rates = [number(r) for r in str(ema_rate).split(",") if r.strip()]
-    chosen = [number(r) for r in str(eval_ema).split(",") if r.strip()] or rates
+    rates = [label(r) for r in str(ema_rate).split(",") if r.strip()]
+    chosen = [label(r) for r in str(eval_ema).split(",") if r.strip()] or rates
     unknown = [c for c in chosen if c != "model" and c not in rates]
     if unknown:
-        raise ValueError(f"--eval_ema {','.join(unknown)} is not a rate of --ema_rate {ema_rate} (or model, the "
-                         "trained weights)")
-    return [c if c == "model" else f"ema{c}" for c in dict.fromkeys(chosen)]
+        raise ValueError(f"--eval_ema {','.join(c.removeprefix('ema') for c in unknown)} is not a rate of --ema_rate "
+                         f"{ema_rate} (or model, the trained weights)")
+    return list(dict.fromkeys(chosen))
 

@@ -24,7 +24,7 @@ import image_sample
 from cm.atomic import atomic_write_text
 from cm.config import load_preset
 from cm.image_datasets import digits_reference_sets
-from cm.plots import curves_png
+from cm.plots import curves_png, ema_label, eval_column
 from cm.precision import cpu_model_name
 from cm.cli import run_cli, str2bool
 from evaluations.evaluator import evaluate
@@ -105,7 +105,7 @@ def main(argv=None):
     atomic_write_text(os.path.join(args.log_dir, "results.txt"), table + "\n")
     # the evaluations during training (every 100 steps, 500 samples: FID reads higher than with the 1,000 above)
     curves_png({"iCT": os.path.join(train_dir, "progress.csv")}, os.path.join(args.log_dir, "curves.png"),
-               keys=["loss", f"fid_1step_ema{float(rate)}", f"fid_2step_ema{float(rate)}"],
+               keys=["loss", eval_column("fid", 1, ema_label(rate)), eval_column("fid", 2, ema_label(rate))],
                title="the demo: training loss, and FID of one- and two-step samples as it trains")
     print(f"grids: {args.log_dir}/samples_onestep/samples_grid.png, {args.log_dir}/samples_twostep/samples_grid.png; "
           f"curves: {args.log_dir}/curves.png")
